@@ -1,0 +1,16 @@
+"""mpqueue: a task queue that spreads CPU-bound Python work over the cores of
+one machine or a handful of machines, with nothing but ``pip install``.
+
+    from mpqueue import Client
+    with Client("HOST:PORT") as client:          # or Client() for a private local cluster
+        results = list(client.map(fn, items))
+"""
+
+__version__ = "0.1.0"
+
+from .client import Client
+from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
+                     MpqueueError, RemoteError, WorkerLost)
+
+__all__ = ["Client", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
+           "ClusterShutdown", "WorkerLost", "RemoteError", "__version__"]

@@ -1,0 +1,452 @@
+"""The broker: every job's state, served to workers and clients over TCP.
+
+::
+
+    submit ─▶ queue ─fetch─▶ held by a worker ─report─▶ results of its client ─collect/ack─▶ gone
+                ▲                  │
+                └── re-queued ─────┘  worker lost (connection closed, heartbeats stopped)
+                                      or its child died with attempts left
+
+Dispatch is a lease, never a bare ``Queue.get()``: the broker records which
+worker holds which job, a job is done only when its result arrives, and the
+jobs of a worker that disappears go back to the queue. A result leaves only
+once its client acknowledges it on its next `collect`, so a client that dies
+while a reply is in flight loses nothing the broker could still give it.
+
+Each connection is served by its own thread of the manager server; one lock
+guards all state, and blocking calls (`fetch`, `collect`) wait on conditions
+of that lock, so nothing here ever polls. Payloads are opaque bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from .config import SETTINGS, Settings
+from .protocol import Delivery, Outcome, Status, Submission, Task
+from .transport import BrokerServer
+
+log = logging.getLogger("mpqueue.broker")
+
+#: A job whose process dies this many times fails with WorkerLost.
+MAX_DEATHS = 3
+#: Most results handed to a client in one `collect` (and about how many bytes).
+COLLECT_BATCH = 1000
+COLLECT_BYTES = 64 << 20
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Job:
+    task: Task
+    client: str
+    seq: int
+    worker: str | None = None   # the session holding its lease, if any
+    attempts: int = 0           # times handed to a worker and not given back
+    deaths: int = 0             # times the process running it died
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    id: str
+    host: str
+    pid: int
+    procs: int
+    held: set = dataclasses.field(default_factory=set)      # job ids leased to it
+    running: set = dataclasses.field(default_factory=set)   # as of its last report
+    done: int = 0
+    failed: int = 0
+    lost: int = 0
+    last_seen: float = dataclasses.field(default_factory=time.time)
+    last_seen_mono: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(eq=False)
+class _Client:
+    ready: threading.Condition
+    jobs: set = dataclasses.field(default_factory=set)       # its unfinished job ids
+    results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery), not yet acked
+    numbers: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
+    gone_since: float | None = None
+    woken: bool = False
+
+
+class Broker:
+    """All queue state. Public methods are called through the transport, one
+    thread per connection; the first argument of each is the caller's session
+    id, which also tells `connection_closed` whose connection ended."""
+
+    def __init__(self, settings: Settings = SETTINGS):
+        self.settings = settings
+        self.shutdown_event = threading.Event()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)   # fetchers wait here
+        self._local = threading.local()                # session of this connection
+        self._connections: dict[str, int] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._queue: list[tuple[int, int]] = []        # heap of (-priority, id); stale ids skipped
+        self._queued = 0
+        self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
+        self._workers: dict[str, _Worker] = {}
+        self._clients: dict[str, _Client] = {}
+        self._ids = itertools.count(1)
+        self._done = 0
+        self._failed = 0
+        self._drain_deadline: float | None = None
+
+    # -- sessions ---------------------------------------------------------
+
+    def _bind(self, session: str) -> None:
+        """Remember that this connection serves ``session`` (caller holds the lock)."""
+        if getattr(self._local, "session", None) != session:
+            self._local.session = session
+            self._connections[session] = self._connections.get(session, 0) + 1
+            client = self._clients.get(session)
+            if client is not None:
+                client.gone_since = None
+
+    def connection_closed(self) -> None:
+        """Called by the server when a connection ends, in that connection's thread."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            return
+        with self._lock:
+            left = self._connections[session] - 1
+            if left:
+                self._connections[session] = left
+            else:
+                del self._connections[session]
+            worker = self._workers.get(session)
+            if worker is not None:
+                # A worker never closes a connection while it means to stay.
+                log.warning("worker %s (%s pid %d) disconnected", worker.id, worker.host, worker.pid)
+                self._lose_worker(worker)
+            client = self._clients.get(session)
+            if client is not None and not left:
+                client.gone_since = time.monotonic()
+
+    def register(self, session: str, kind: str, info: dict) -> dict:
+        """A worker or client introduces itself."""
+        with self._lock:
+            self._bind(session)
+            if kind == "worker":
+                self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"])
+                log.info("worker %s joined from %s pid %d with %d procs",
+                         session, info["host"], info["pid"], info["procs"])
+            else:
+                self._client(session)
+            return {"heartbeat_interval": self.settings.heartbeat_interval}
+
+    def unregister(self, session: str) -> None:
+        """A worker leaves cleanly; anything it still holds goes back to the queue."""
+        with self._lock:
+            worker = self._workers.get(session)
+            if worker is not None:
+                worker.running.clear()
+                self._lose_worker(worker)
+
+    def _client(self, session: str) -> _Client:
+        client = self._clients.get(session)
+        if client is None:
+            client = self._clients[session] = _Client(threading.Condition(self._lock))
+        return client
+
+    def _lose_worker(self, worker: _Worker) -> None:
+        """Take back every job a worker held. Jobs it was running count a death."""
+        del self._workers[worker.id]
+        for job_id in worker.held:
+            job = self._jobs.get(job_id)
+            if job is None or job.worker != worker.id:
+                continue
+            if job_id in worker.running:
+                job.deaths += 1
+                worker.lost += 1
+                if job.deaths >= MAX_DEATHS:
+                    self._finish(job, Status.LOST, {
+                        "pid": worker.pid, "host": worker.host, "exitcode": None,
+                        "signal": None, "reason": f"worker {worker.id} was lost"})
+                    continue
+            else:
+                job.attempts -= 1   # never started
+            self._requeue(job)
+        self._work.notify_all()
+
+    # -- the queue --------------------------------------------------------
+
+    def _push(self, job: _Job) -> None:
+        heapq.heappush(self._queue, (0, job.task.id))
+        self._queued += 1
+
+    def _requeue(self, job: _Job) -> None:
+        job.worker = None
+        self._push(job)
+
+    def _pop(self) -> _Job | None:
+        while self._queue:
+            _, job_id = heapq.heappop(self._queue)
+            job = self._jobs.get(job_id)
+            if job is not None and job.worker is None:
+                self._queued -= 1
+                return job
+        return None
+
+    def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes]) -> None:
+        """Queue jobs. ``functions`` holds the pickled function of every digest they use."""
+        with self._lock:
+            self._bind(session)
+            client = self._client(session)
+            for fn, blob in functions.items():
+                self._functions.setdefault(fn, [blob, 0])
+            closed = self.shutdown_event.is_set()
+            for sub in submissions:
+                self._functions[sub.fn][1] += 1
+                job = _Job(Task(next(self._ids), sub.fn, sub.payload, sub.chunked), session, sub.seq)
+                self._jobs[job.task.id] = job
+                client.jobs.add(job.task.id)
+                if closed:
+                    self._finish(job, Status.SHUTDOWN, b"")
+                else:
+                    self._push(job)
+            self._work.notify(len(submissions))
+
+    def fetch(self, session: str, max_jobs: int, wait: float):
+        """Lease up to ``max_jobs`` jobs to a worker, waiting up to ``wait`` s for one.
+
+        Returns ``(tasks, functions)``, or None once the cluster is shutting down.
+        """
+        with self._lock:
+            self._bind(session)
+            worker = self._seen(session)
+            deadline = time.monotonic() + min(wait, self.settings.wait_slice)
+            while True:
+                if self.shutdown_event.is_set():
+                    return None
+                if self._queued:
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return [], {}
+                self._work.wait(remaining)
+                if session not in self._workers:
+                    raise LookupError(f"worker {session} is not registered")
+            tasks, functions = [], {}
+            while len(tasks) < max_jobs:
+                job = self._pop()
+                if job is None:
+                    break
+                job.worker = session
+                job.attempts += 1
+                worker.held.add(job.task.id)
+                tasks.append(job.task)
+                if job.task.fn not in functions:
+                    functions[job.task.fn] = self._functions[job.task.fn][0]
+            return tasks, functions
+
+    def report(self, session: str, outcomes: list[Outcome], running: list[int]) -> None:
+        """A worker's finished jobs, and the ids of the jobs its children run now."""
+        with self._lock:
+            self._bind(session)
+            worker = self._workers.get(session)
+            if worker is not None:
+                self._touch(worker)
+                worker.running = set(running)
+            for outcome in outcomes:
+                job = self._jobs.get(outcome.id)
+                if job is None:
+                    continue    # finished already: a duplicate from a re-run
+                holder = self._workers.get(job.worker) if job.worker else None
+                if holder is not None:
+                    holder.held.discard(job.task.id)
+                if job.worker is None:
+                    self._queued -= 1   # was re-queued meanwhile; its heap entry goes stale
+                if outcome.status is Status.LOST:
+                    job.deaths += 1
+                    if worker is not None:
+                        worker.lost += 1
+                    if job.deaths < MAX_DEATHS:
+                        self._requeue(job)
+                        self._work.notify()
+                        continue
+                if worker is not None:
+                    if outcome.status is Status.OK:
+                        worker.done += 1
+                    else:
+                        worker.failed += 1
+                self._finish(job, outcome.status, outcome.payload)
+
+    def release(self, session: str, job_ids: list[int]) -> None:
+        """A worker gives back jobs it fetched but never started."""
+        with self._lock:
+            self._bind(session)
+            worker = self._workers.get(session)
+            for job_id in job_ids:
+                job = self._jobs.get(job_id)
+                if job is not None and job.worker == session:
+                    if worker is not None:
+                        worker.held.discard(job_id)
+                    job.attempts -= 1
+                    self._requeue(job)
+            self._work.notify_all()
+
+    def _seen(self, session: str) -> _Worker:
+        worker = self._workers.get(session)
+        if worker is None:
+            raise LookupError(f"worker {session} is not registered")
+        self._touch(worker)
+        return worker
+
+    @staticmethod
+    def _touch(worker: _Worker) -> None:
+        worker.last_seen = time.time()
+        worker.last_seen_mono = time.monotonic()
+
+    # -- results ----------------------------------------------------------
+
+    def _finish(self, job: _Job, status: Status, payload) -> None:
+        """The job is over: hand its result to its client (if still there)."""
+        del self._jobs[job.task.id]
+        entry = self._functions[job.task.fn]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._functions[job.task.fn]
+        if status is Status.OK:
+            self._done += 1
+        else:
+            self._failed += 1
+        client = self._clients.get(job.client)
+        if client is None:
+            return      # its client is gone: nobody to tell
+        client.jobs.discard(job.task.id)
+        client.results.append((next(client.numbers), Delivery(job.seq, status, payload, job.attempts)))
+        client.ready.notify()
+
+    def collect(self, session: str, ack: int, wait: float) -> list[tuple[int, Delivery]]:
+        """Drop this client's results numbered up to ``ack`` (it has them), then
+        return the next ones, waiting up to ``wait`` s for at least one."""
+        with self._lock:
+            self._bind(session)
+            client = self._client(session)
+            results = client.results
+            while results and results[0][0] <= ack:
+                results.popleft()
+            deadline = time.monotonic() + min(wait, self.settings.wait_slice)
+            while not results and not client.woken:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                client.ready.wait(remaining)
+            client.woken = False
+            batch, size = [], 0
+            for item in results:
+                if len(batch) >= COLLECT_BATCH or size >= COLLECT_BYTES:
+                    break
+                batch.append(item)
+                payload = item[1].payload
+                size += len(payload) if isinstance(payload, bytes) else 0
+            return batch
+
+    def goodbye(self, session: str) -> None:
+        """A client leaves: its queued jobs are dropped and its results discarded."""
+        with self._lock:
+            client = self._clients.get(session)
+            if client is not None:
+                client.woken = True
+                client.ready.notify_all()
+                self._drop_client(session)
+
+    def _drop_client(self, session: str) -> None:
+        client = self._clients.pop(session)
+        for job_id in client.jobs:
+            job = self._jobs[job_id]
+            if job.worker is None:      # still queued: nobody will want it
+                self._queued -= 1
+                del self._jobs[job_id]
+                entry = self._functions[job.task.fn]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._functions[job.task.fn]
+        # Jobs running now finish; _finish() discards their results.
+
+    # -- upkeep -----------------------------------------------------------
+
+    def tick(self) -> bool:
+        """Expire silent workers and departed clients, and drain on shutdown.
+
+        Called about once per heartbeat interval by the broker's main thread.
+        Returns True once a shutdown has fully drained and the broker may exit.
+        """
+        now = time.monotonic()
+        with self._lock:
+            for worker in list(self._workers.values()):
+                if now - worker.last_seen_mono > self.settings.heartbeat_timeout:
+                    log.warning("worker %s (%s pid %d) silent for %.0f s; presumed lost",
+                                worker.id, worker.host, worker.pid, now - worker.last_seen_mono)
+                    self._lose_worker(worker)
+            for session, client in list(self._clients.items()):
+                if client.gone_since is not None and now - client.gone_since > self.settings.client_grace:
+                    self._drop_client(session)
+            if not self.shutdown_event.is_set():
+                return False
+            self._work.notify_all()     # fetchers see the event and stop
+            if self._workers:
+                return False
+            while (job := self._pop()) is not None:
+                self._finish(job, Status.SHUTDOWN, b"")
+            if self._jobs:
+                return False
+            if self._drain_deadline is None:
+                self._drain_deadline = now + self.settings.drain_timeout
+            waiting = [c for c in self._clients.values() if c.results and c.gone_since is None]
+            return not waiting or now > self._drain_deadline
+
+    def status(self, session: str | None = None) -> dict:
+        """Counts for `mpqueue status`: queued = not started, running = in a child now."""
+        with self._lock:
+            workers = [{
+                "id": w.id, "host": w.host, "pid": w.pid, "procs": w.procs,
+                "running": len(w.running), "queued": len(w.held - w.running),
+                "done": w.done, "failed": w.failed, "lost": w.lost,
+                "last_seen": w.last_seen,
+            } for w in self._workers.values()]
+            return {
+                "workers": workers,
+                "queued": self._queued + sum(w["queued"] for w in workers),
+                "running": sum(w["running"] for w in workers),
+                "done": self._done,
+                "failed": self._failed,
+                "clients": len(self._clients),
+                "shutting_down": self.shutdown_event.is_set(),
+            }
+
+
+def serve(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
+          settings: Settings = SETTINGS) -> None:
+    """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
+
+    The manager server runs in this process (its threads serve connections);
+    this thread waits on the cluster's shutdown event and does the upkeep.
+    """
+    broker = Broker(settings)
+    server = BrokerServer(broker, address, authkey)
+    server.start()
+    on_ready(server.address)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not broker.tick():
+            if broker.shutdown_event.is_set():
+                time.sleep(0.1)     # draining: a few ticks, then we exit
+            else:
+                broker.shutdown_event.wait(settings.heartbeat_interval)
+        log.info("shut down")
+    except KeyboardInterrupt:
+        log.info("stopped")

@@ -1,0 +1,203 @@
+"""``mpqueue``: the command line. Each command parses, resolves its config, and
+calls one function of the package; errors of ours become one line and a
+non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import click
+
+from . import __version__
+from .config import DEFAULT_HOST, DEFAULT_PORT, authkey_path, format_address, parse_address, resolve_authkey
+from .errors import MpqueueError
+
+ADDRESS_HELP = "HOST:PORT of the broker [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MpqueueError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mpqueue")
+def main() -> None:
+    """mpqueue: spread CPU-bound Python jobs over the cores of one or a few machines.
+
+    \b
+    mpqueue broker                          # on one host
+    mpqueue worker HOST:PORT --procs 4      # on every host with cores to give
+    python my_script.py                     # Client("HOST:PORT").map(fn, items)
+
+    Every command takes its authkey from $MPQUEUE_AUTHKEY, else from the key
+    file a broker writes on its host (~/.config/mpqueue/authkey). Anyone with
+    the key can run code on the workers: keep it secret.
+    """
+    logging.basicConfig(level=os.environ.get("MPQUEUE_LOG_LEVEL", "INFO").upper(),
+                        format="%(name)s: %(message)s", stream=sys.stderr)
+
+
+def _watch_lifeline(on_eof) -> None:
+    """Call ``on_eof`` when stdin closes: the process that started us is gone."""
+    def watch():
+        while sys.stdin.buffer.read(4096):
+            pass
+        on_eof()
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
+@main.command()
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to listen on. Anything but loopback exposes the cluster to the network.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+              help="Port to listen on; 0 lets the OS choose.")
+@click.option("--lifeline", is_flag=True, hidden=True, help="Exit when stdin closes.")
+def broker(host: str, port: int, lifeline: bool) -> None:
+    """Serve the job and result queues until `mpqueue shutdown`, SIGTERM or Ctrl-C.
+
+    Prints `listening on HOST:PORT` once it accepts connections.
+    """
+    from .broker import serve
+
+    had_key = bool(os.environ.get("MPQUEUE_AUTHKEY")) or authkey_path().exists()
+    authkey = resolve_authkey(create=True)
+    if os.environ.get("MPQUEUE_AUTHKEY"):
+        source = "from $MPQUEUE_AUTHKEY"
+    else:
+        source = f"{'in' if had_key else 'generated in'} {authkey_path()} (mode 0600)"
+    if lifeline:
+        _watch_lifeline(lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    def ready(address):
+        click.echo(f"mpqueue broker {__version__} listening on {format_address(address)}")
+        click.echo(f"authkey {source}", err=True)
+
+    try:
+        serve((host, port), authkey, ready)
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+@main.command()
+@click.argument("address", required=False)
+@click.option("--procs", type=click.IntRange(min=1), default=None,
+              help="Processes running jobs [default: the number of usable cores].")
+@click.option("--lifeline", is_flag=True, hidden=True, help="Stop (cold) when stdin closes.")
+def worker(address: str | None, procs: int | None, lifeline: bool) -> None:
+    """Run jobs from the broker at ADDRESS in a pool of processes.
+
+    Stops on `mpqueue shutdown`, or on SIGTERM/Ctrl-C: the first is a warm stop
+    (running jobs finish), a second a cold stop (running jobs are killed and go
+    back to the queue). Either way no job is lost.
+    """
+    from .worker import Worker
+
+    # Like `python -m`, make modules in the current directory importable by jobs.
+    sys.path.insert(0, os.getcwd())
+    if procs is None:
+        procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    w = Worker(parse_address(address), resolve_authkey(), procs)
+    if lifeline:
+        _watch_lifeline(lambda: w.stop(cold=True))
+    try:
+        code = w.run()
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("address", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def status(address: str | None, as_json: bool) -> None:
+    """Show the broker's workers and job counts."""
+    from .transport import connect
+
+    addr = parse_address(address)
+    broker, _ = connect(addr, resolve_authkey())
+    info = broker.status()
+    broker.close()
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"broker {format_address(addr)}: {info['queued']} queued, {info['running']} running, "
+               f"{info['done']} done, {info['failed']} failed; {info['clients']} client(s)"
+               + ("; shutting down" if info["shutting_down"] else ""))
+    columns = ("id", "host", "pid", "procs", "running", "queued", "done", "failed", "lost", "last_seen")
+    rows = [[str(w[c]) for c in columns[:-1]] + [f"{max(0.0, time.time() - w['last_seen']):.1f}s ago"]
+            for w in info["workers"]]
+    if not rows:
+        click.echo("no workers")
+        return
+    header = [c.upper().replace("_", " ") for c in columns]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(columns))]
+    for row in [header] + rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("address", required=False)
+def shutdown(address: str | None) -> None:
+    """Stop the cluster: workers finish running jobs and exit, then the broker.
+
+    Jobs still queued fail at their clients with ClusterShutdown.
+    """
+    from .transport import connect
+
+    addr = parse_address(address)
+    _, event = connect(addr, resolve_authkey())
+    event.set()
+    event.close()
+    click.echo(f"shutdown requested at {format_address(addr)}")
+
+
+def _demo_job(n: int) -> int:
+    """Pure-Python CPU work: how many primes below n (trial division)."""
+    count = 0
+    for k in range(2, n):
+        d = 2
+        while d * d <= k:
+            if k % d == 0:
+                break
+            d += 1
+        else:
+            count += 1
+    return count
+
+
+@main.command()
+@click.option("--jobs", default=32, show_default=True, help="How many jobs to run.")
+@click.option("--size", default=60_000, show_default=True, help="Work per job (primes below SIZE).")
+def demo(jobs: int, size: int) -> None:
+    """Run a CPU-bound workload on a private local cluster, then on one core, and compare."""
+    from .client import Client
+
+    items = [size + i for i in range(jobs)]
+    start = time.perf_counter()
+    with Client() as client:
+        started = time.perf_counter()
+        with click.progressbar(length=jobs, label="mpqueue", file=sys.stderr) as bar:
+            parallel = []
+            for value in client.map(_demo_job, items):
+                parallel.append(value)
+                bar.update(1)
+        cluster_time = time.perf_counter() - started
+    total_time = time.perf_counter() - start
+    started = time.perf_counter()
+    with click.progressbar(items, label="one core", file=sys.stderr) as bar:
+        sequential = [_demo_job(n) for n in bar]
+    one_core = time.perf_counter() - started
+    assert parallel == sequential, "results differ"
+    click.echo(f"{jobs} jobs: {cluster_time:.2f} s on the local cluster "
+               f"({total_time:.2f} s with start-up and shutdown), {one_core:.2f} s on one core: "
+               f"{one_core / cluster_time:.2f}x faster")

@@ -1,0 +1,392 @@
+"""The client: a `concurrent.futures.Executor` whose jobs run on the cluster.
+
+::
+
+    submit() ──▶ outbox ──send thread──▶ broker.submit(batch)
+    Future ◀── collect thread ◀── broker.collect(ack) ── results, in batches
+
+`submit` pickles the arguments in the caller's thread (so an unpicklable one
+fails that call, and nothing else) and leaves the job in an outbox; a send
+thread ships whatever has gathered in one round trip, so jobs batch up by
+themselves while a call is in flight. A collect thread blocks in the broker
+until results exist and resolves the futures; each call acknowledges the
+previous batch, and only then does the broker forget it.
+
+``max_pending`` is a semaphore: `submit` takes a slot, a finished future gives
+it back, so a user can feed a million items without filling the broker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterable, Iterator
+
+from . import __version__
+from .config import SETTINGS, format_address, parse_address, resolve_authkey
+from .errors import BrokerUnavailable, ClusterShutdown, MpqueueError, WorkerLost
+from .protocol import Delivery, Status, Submission, digest, dumps, loads, unpack_exception
+from .transport import connect
+
+log = logging.getLogger("mpqueue.client")
+
+#: How many jobs `Client.map` keeps in flight ahead of the consumer, when
+#: ``max_pending`` does not say.
+MAP_WINDOW = 1024
+
+
+class _FunctionCache:
+    """Each distinct function is pickled once: by identity, most recent first.
+
+    Holding the function keeps its ``id`` from being reused while cached.
+    """
+
+    def __init__(self, size: int = 128):
+        self._entries: OrderedDict[int, tuple[Callable, bytes, bytes]] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get(self, fn: Callable) -> tuple[bytes, bytes]:
+        with self._lock:
+            entry = self._entries.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._entries.move_to_end(id(fn))
+                return entry[1], entry[2]
+        blob = _pickle("function", fn)
+        key = digest(blob)
+        with self._lock:
+            self._entries[id(fn)] = (fn, key, blob)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return key, blob
+
+
+def _pickle(what: str, obj: Any) -> bytes:
+    try:
+        return dumps(obj)
+    except Exception as e:
+        import pickle
+        raise pickle.PicklingError(f"cannot send the job's {what} to the cluster: {e}") from e
+
+
+class Client(concurrent.futures.Executor):
+    """Submit jobs to an mpqueue cluster and get `concurrent.futures.Future` back.
+
+    ``address`` is ``"HOST:PORT"``; None means ``$MPQUEUE_ADDRESS`` or, if that
+    is unset, a private local cluster (a broker and a worker using every usable
+    core) that lives as long as this client. ``authkey`` defaults to
+    ``$MPQUEUE_AUTHKEY``, then to the key file the broker wrote on this host.
+    ``max_pending`` bounds how many of this client's jobs are queued or running
+    at once: `submit` blocks for a free slot.
+    """
+
+    def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
+                 max_pending: int | None = None):
+        if max_pending is not None and max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self._cluster = None
+        address = address or os.environ.get("MPQUEUE_ADDRESS")
+        if address is None:
+            self._cluster = LocalCluster()
+            self.address, authkey = self._cluster.address, self._cluster.authkey
+        else:
+            self.address, authkey = parse_address(address), resolve_authkey(authkey)
+        self.session = uuid.uuid4().hex
+        self._max_pending = max_pending
+        self._slots = threading.BoundedSemaphore(max_pending) if max_pending else None
+        self._functions = _FunctionCache()
+        self._lock = threading.Condition()
+        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._outbox: list[tuple[Submission, bytes]] = []
+        self._seq = itertools.count(1)
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._broker, _ = connect(self.address, authkey)
+        try:
+            self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
+        except BaseException:
+            if self._cluster is not None:
+                self._cluster.stop()
+            raise
+        self._sender = threading.Thread(target=self._send_loop, name="mpqueue-send", daemon=True)
+        self._collector = threading.Thread(target=self._collect_loop, name="mpqueue-collect", daemon=True)
+        self._sender.start()
+        self._collector.start()
+        # Like the stdlib executors: at interpreter exit, wait for submitted work.
+        self._atexit = weakref.WeakMethod(self.shutdown)
+        atexit.register(_shutdown_at_exit, self._atexit)
+
+    def __repr__(self) -> str:
+        where = "local cluster" if self._cluster else "cluster"
+        return f"<mpqueue.Client {where} at {format_address(self.address)}>"
+
+    # -- submitting -----------------------------------------------------------
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args, **kwargs)`` on the cluster."""
+        payload = _pickle("arguments", (args, kwargs))
+        return self._submit(fn, payload, False)
+
+    def _submit(self, fn: Callable, payload: bytes, chunked: bool) -> concurrent.futures.Future:
+        key, blob = self._functions.get(fn)
+        self._check_open()
+        if self._slots is not None:
+            self._slots.acquire()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed or self._failure is not None:
+                if self._slots is not None:
+                    self._slots.release()
+                self._check_open()
+            seq = next(self._seq)
+            self._futures[seq] = future
+            self._outbox.append((Submission(seq, key, payload, chunked), blob))
+            self._lock.notify_all()
+        if self._slots is not None:
+            future.add_done_callback(lambda f: self._slots.release())
+        return future
+
+    def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise RuntimeError("cannot submit to a Client after shutdown")
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:
+        """Like `Executor.map`: results in order, lazily.
+
+        The input is read ahead only as far as ``max_pending`` (or a window of
+        1024 jobs) allows, so an endless generator works. With ``chunksize``
+        > 1, each job applies ``fn`` to that many items.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = zip(*iterables)
+        if chunksize == 1:
+            def submit_next():
+                for args in items:
+                    return self._submit(fn, _pickle("arguments", (args, {})), False)
+        else:
+            def submit_next():
+                chunk = list(itertools.islice(items, chunksize))
+                if chunk:
+                    return self._submit(fn, _pickle("arguments", chunk), True)
+        window = self._max_pending or MAP_WINDOW
+        futures: deque = deque()
+        while len(futures) < window and (f := submit_next()) is not None:
+            futures.append(f)
+        return self._map_results(futures, submit_next, deadline, chunksize > 1)
+
+    @staticmethod
+    def _map_results(futures: deque, submit_next, deadline, chunked: bool) -> Iterator:
+        try:
+            while futures:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                value = futures[0].result(remaining)
+                futures.popleft()
+                if (f := submit_next()) is not None:
+                    futures.append(f)
+                if chunked:
+                    yield from value
+                else:
+                    yield value
+        finally:
+            for f in futures:
+                f.cancel()
+
+    # -- closing ----------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close this client (not the cluster; a private local cluster stops with it).
+
+        With ``cancel_futures``, jobs not yet finished are cancelled; the broker
+        drops the queued ones when the client leaves.
+        """
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                for future in self._futures.values():
+                    future.cancel()
+                self._futures.clear()
+            self._lock.notify_all()
+        if wait:
+            self._collector.join()
+
+    # -- threads ------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._outbox and not self._closed and self._failure is None:
+                    self._lock.wait()
+                if not self._outbox or self._failure is not None:
+                    return
+                batch, self._outbox = self._outbox, []
+            functions = {sub.fn: blob for sub, blob in batch}
+            try:
+                self._broker.submit(self.session, [sub for sub, _ in batch], functions)
+            except BrokerUnavailable as e:
+                self._fail(e)
+                return
+
+    def _collect_loop(self) -> None:
+        ack = acked = 0
+        try:
+            while True:
+                with self._lock:
+                    while not self._futures and ack == acked and not self._closed and self._failure is None:
+                        self._lock.wait()
+                    if self._failure is not None:
+                        return
+                    if not self._futures and ack == acked:
+                        return      # closed, and everything collected and acknowledged
+                    wait = SETTINGS.wait_slice if self._futures else 0
+                batch = self._broker.collect(self.session, ack, wait)
+                acked = ack
+                for number, delivery in batch:
+                    self._resolve(delivery)
+                    ack = number
+        except BrokerUnavailable as e:
+            self._fail(e)
+        finally:
+            self._leave()
+
+    def _resolve(self, delivery: Delivery) -> None:
+        with self._lock:
+            future = self._futures.pop(delivery.seq, None)
+            self._lock.notify_all()
+        if future is None or future.done():
+            return
+        try:
+            if delivery.status is Status.OK:
+                future.set_result(loads(delivery.payload))
+            else:
+                future.set_exception(_failure(delivery))
+        except concurrent.futures.InvalidStateError:
+            pass    # cancelled meanwhile
+        except Exception as e:      # the result would not unpickle here
+            future.set_exception(e)
+
+    def _fail(self, error: BaseException) -> None:
+        """The broker is gone: every pending future fails with ``error``."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
+            futures = list(self._futures.values())
+            self._futures.clear()
+            self._lock.notify_all()
+        for future in futures:
+            if not future.done():
+                try:
+                    future.set_exception(error)
+                except concurrent.futures.InvalidStateError:
+                    pass
+
+    def _leave(self) -> None:
+        self._sender.join()
+        if self._failure is None:
+            try:
+                self._broker.goodbye(self.session)
+            except BrokerUnavailable:
+                pass
+        self._broker.close()
+        if self._cluster is not None:
+            self._cluster.stop()
+
+
+def _failure(delivery: Delivery) -> BaseException:
+    if delivery.status is Status.ERROR:
+        return unpack_exception(delivery.payload)
+    if delivery.status is Status.LOST:
+        info = delivery.payload
+        how = f"killed by {info['signal']}" if info.get("signal") else f"exit code {info.get('exitcode')}"
+        return WorkerLost(
+            f"{info['reason']} ({how}, pid {info['pid']} on {info['host']}) "
+            f"after {delivery.attempts} attempt(s)",
+            pid=info["pid"], exitcode=info.get("exitcode"), signal=info.get("signal"),
+            attempts=delivery.attempts, host=info["host"])
+    if delivery.status is Status.SHUTDOWN:
+        return ClusterShutdown("the cluster shut down before this job could run")
+    return MpqueueError(f"unknown job status {delivery.status!r}")
+
+
+def _shutdown_at_exit(method: weakref.WeakMethod) -> None:
+    shutdown = method()
+    if shutdown is not None:
+        shutdown()
+
+
+class LocalCluster:
+    """A private broker and worker, as subprocesses, for a `Client` with no address.
+
+    They get a fresh random authkey, listen on loopback only, and hold a pipe
+    from this process on their stdin: should this process die without
+    stopping them, they see the pipe close and exit.
+    """
+
+    def __init__(self, procs: int | None = None):
+        self.authkey = secrets.token_hex(32).encode()
+        env = dict(os.environ, MPQUEUE_AUTHKEY=self.authkey.decode(), MPQUEUE_LOG_LEVEL="WARNING")
+        # Let the worker import what this script can: its directory first.
+        path = [os.path.abspath(sys.path[0] or os.curdir)]
+        if env.get("PYTHONPATH"):
+            path.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(path)
+        command = [sys.executable, "-m", "mpqueue"]
+        self.processes: list[subprocess.Popen] = []
+        self.broker = self._start(command + ["broker", "--port", "0", "--lifeline"], env,
+                                  stdout=subprocess.PIPE)
+        line = self.broker.stdout.readline().decode()
+        if "listening on" not in line:
+            self.stop()
+            raise BrokerUnavailable(f"the local broker did not start: {line.strip() or 'no output'}")
+        self.address = parse_address(line.rsplit("listening on", 1)[1].split()[0])
+        worker = command + ["worker", format_address(self.address), "--lifeline"]
+        if procs:
+            worker += ["--procs", str(procs)]
+        self._start(worker, env)
+
+    def _start(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, **kwargs)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        """Shut the cluster down: ask (the shutdown event), wait, terminate, kill."""
+        if getattr(self, "address", None) is not None:
+            try:
+                _, event = connect(self.address, self.authkey)
+                event.set()
+                event.close()
+            except MpqueueError:
+                pass
+        for process in reversed(self.processes):    # the worker, then the broker
+            stop_process(process, SETTINGS.child_grace + 3)
+            process.stdin.close()
+            if process.stdout:
+                process.stdout.close()
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> None:
+    """The shutdown ladder for a process already asked to stop: wait, terminate, kill."""
+    for step in (None, process.terminate, process.kill):
+        if step is not None:
+            step()
+        try:
+            process.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass

@@ -1,0 +1,108 @@
+"""Where things are (addresses, the authkey) and how long we wait for them.
+
+Every timeout and interval of the system lives in `SETTINGS`, so that a reader
+can see the whole timing model in one place and a test can shorten it through
+the environment (``MPQUEUE_HEARTBEAT_TIMEOUT=2`` and the like).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5555
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    #: A worker reports to the broker at least this often, even when idle.
+    heartbeat_interval: float = 1.0
+    #: A worker silent for this long is presumed dead and its jobs re-queued.
+    #: (A worker whose connection closes is noticed at once; this catches the
+    #: ones that vanish without a FIN: a cut link, a frozen host.)
+    heartbeat_timeout: float = 10.0
+    #: A blocking broker call (fetch, collect) returns after this long with
+    #: nothing, so the caller can notice shutdown and the broker can notice a
+    #: caller that went away while it waited.
+    wait_slice: float = 2.0
+    #: TCP connect and authentication handshake limit.
+    connect_timeout: float = 5.0
+    #: How long a worker or command keeps retrying a broker that is not up yet.
+    broker_wait: float = 30.0
+    #: A client whose connections closed is forgotten (queued jobs dropped,
+    #: results discarded) after this grace.
+    client_grace: float = 5.0
+    #: After ``mpqueue shutdown``, the broker waits at most this long for
+    #: connected clients to collect their last results.
+    drain_timeout: float = 30.0
+    #: Warm stop of a child: time to exit after being asked, before SIGKILL.
+    child_grace: float = 2.0
+    #: A job started within this long of the last report is reported as
+    #: running with the next batch of results rather than on its own.
+    report_delay: float = 0.05
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        """Defaults, overridden by ``MPQUEUE_<FIELD>`` environment variables."""
+        changes = {}
+        for field in dataclasses.fields(cls):
+            value = os.environ.get("MPQUEUE_" + field.name.upper())
+            if value is not None:
+                changes[field.name] = float(value)
+        return cls(**changes)
+
+
+SETTINGS = Settings.from_env()
+
+
+def parse_address(address: str | None) -> tuple[str, int]:
+    """``HOST:PORT`` (or None for ``$MPQUEUE_ADDRESS``, else the default)."""
+    if address is None:
+        address = os.environ.get("MPQUEUE_ADDRESS") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    return host.strip("[]") or DEFAULT_HOST, int(port)
+
+
+def format_address(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def authkey_path() -> Path:
+    """The per-user file that holds the generated authkey (mode 0600)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "mpqueue" / "authkey"
+
+
+def resolve_authkey(authkey: bytes | str | None = None, *, create: bool = False) -> bytes:
+    """The authkey to use: explicit, else ``$MPQUEUE_AUTHKEY``, else the key file.
+
+    With ``create`` (the broker), a missing key file is made with a fresh random
+    key. There is deliberately no built-in default: anyone holding the key can
+    run code on every worker.
+    """
+    if authkey is None:
+        authkey = os.environ.get("MPQUEUE_AUTHKEY") or None
+    if authkey is not None:
+        return authkey.encode() if isinstance(authkey, str) else bytes(authkey)
+    path = authkey_path()
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        if not create:
+            raise ConfigError(
+                f"no authkey: set MPQUEUE_AUTHKEY, or start `mpqueue broker` on this "
+                f"host, which writes one to {path}"
+            ) from None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key + b"\n")
+    return key

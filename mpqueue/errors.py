@@ -1,0 +1,74 @@
+"""The errors mpqueue raises itself.
+
+A job whose function raised re-raises *that* exception, with the remote
+traceback chained as ``__cause__``; the classes here are for everything else:
+the system failed, not the user's code.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+
+class MpqueueError(Exception):
+    """Base class of the errors mpqueue raises itself."""
+
+
+class ConfigError(MpqueueError):
+    """A bad address, a missing authkey, a bad option."""
+
+
+class BrokerUnavailable(MpqueueError, ConnectionError):
+    """The broker cannot be reached, or went away."""
+
+
+class AuthenticationError(BrokerUnavailable, multiprocessing.AuthenticationError):
+    """The broker and this process hold different authkeys."""
+
+
+class ClusterShutdown(MpqueueError):
+    """The cluster shut down before the job could run."""
+
+
+class WorkerLost(MpqueueError):
+    """The process running a job died (segfault, ``os._exit``, OOM kill) on its last attempt."""
+
+    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None,
+                 signal: str | None = None, attempts: int = 0, host: str | None = None):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+        self.attempts = attempts
+        self.host = host
+
+    def __reduce__(self):
+        return _rebuild_worker_lost, (str(self), self.__dict__)
+
+
+def _rebuild_worker_lost(message, state):
+    return WorkerLost(message, **state)
+
+
+class RemoteError(MpqueueError):
+    """A job raised an exception that could not cross the wire; its text is kept."""
+
+    def __init__(self, type_name: str, message: str, traceback: str):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self):
+        return RemoteError, (self.type_name, self.message, self.traceback)
+
+
+class RemoteTraceback(Exception):
+    """Holds a remote traceback's text, chained as ``__cause__`` of a job's exception."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb

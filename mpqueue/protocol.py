@@ -1,0 +1,113 @@
+"""The messages that cross processes, and the one place that calls cloudpickle.
+
+::
+
+    client ──submit(Submission…, functions)──▶ broker ──fetch()──▶ worker ──pipe──▶ child
+    client ◀──collect(ack)── Delivery… ◀── broker ◀──report(Outcome…)── worker ◀──pipe── child
+
+User data (functions, arguments, results, exceptions) is pickled with
+cloudpickle by the client and the child, and travels as opaque ``bytes``
+through the broker and the worker, which never unpickle it: a bad payload
+cannot crash them, and user code need not be importable there. The message
+tuples themselves hold only plain types and are pickled by the transport.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+import pickle
+import socket
+import traceback
+from typing import Any, NamedTuple
+
+import cloudpickle
+
+from .errors import RemoteError, RemoteTraceback
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class Status(enum.IntEnum):
+    OK = 0        #: payload: the pickled return value
+    ERROR = 1     #: payload: `pack_exception` of what the function raised
+    LOST = 2      #: payload: dict(pid, exitcode, signal, host) of the process that died
+    SHUTDOWN = 3  #: payload: empty; the cluster shut down before the job ran
+
+
+class Submission(NamedTuple):
+    """A job as the client sends it to the broker."""
+    seq: int          # the client's own number for the job
+    fn: bytes         # digest of the pickled function (sent alongside, once per batch)
+    payload: bytes    # pickled (args, kwargs), or a pickled list of argument tuples
+    chunked: bool     # payload is a chunk: call fn(*a) for each a, return the list
+
+
+class Task(NamedTuple):
+    """A job as the broker hands it to a worker, and the worker to a child."""
+    id: int
+    fn: bytes
+    payload: bytes
+    chunked: bool
+
+
+class Outcome(NamedTuple):
+    """How one attempt at a task ended, as the worker reports it."""
+    id: int
+    status: Status
+    payload: Any      # bytes for OK and ERROR, a dict for LOST
+
+
+class Delivery(NamedTuple):
+    """A finished job, as the broker hands it to its client."""
+    seq: int
+    status: Status
+    payload: Any
+    attempts: int
+
+
+def dumps(obj: Any) -> bytes:
+    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+
+
+loads = pickle.loads
+
+
+def digest(blob: bytes) -> bytes:
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
+def where() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def pack_exception(exc: BaseException) -> bytes:
+    """Pickle what a job raised, keeping its text even if the object won't pickle."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    try:
+        blob = dumps(exc)
+    except Exception:
+        blob = None
+    return pickle.dumps((blob, type_name, str(exc), tb, where()), protocol=PROTOCOL)
+
+
+def unpack_exception(data: bytes) -> BaseException:
+    """The job's exception, with the remote traceback chained as ``__cause__``.
+
+    Falls back to `RemoteError` when the exception could not be pickled on the
+    worker or cannot be rebuilt here (a class missing locally, an ``__init__``
+    that does not accept its own ``args``).
+    """
+    blob, type_name, message, tb, host = pickle.loads(data)
+    exc = None
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb)
+    exc.__cause__ = RemoteTraceback(f'\n"""\nOn {host}:\n{tb}"""')
+    return exc

@@ -1,0 +1,224 @@
+"""The worker: leases jobs from the broker and runs them in its process pool.
+
+::
+
+    fetch thread ──broker.fetch()──▶ inbox ──▶ main thread ──▶ ProcessPool children
+    report thread ◀── outbox ◀────────────────────┘   (results, and which jobs run now)
+         └──broker.report(): results in batches, and a heartbeat when idle
+
+Three threads, each blocking on its own thing: the fetch thread in the broker
+(it asks for at most as many jobs as the worker has room for: its procs, plus
+as many prefetched, so an idle host is never starved by a busy one), the main
+thread on its children's pipes and sentinels, the report thread on its outbox.
+
+Stopping: the first SIGTERM or Ctrl-C (or the cluster's shutdown) is a warm
+stop: no more fetching, running jobs finish and their results are delivered.
+A second one is a cold stop: running jobs are killed. Either way the worker
+then unregisters, and the broker re-queues whatever it still held: nothing
+is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+
+from . import __version__
+from .config import SETTINGS, format_address
+from .errors import AuthenticationError, BrokerUnavailable
+from .pool import ProcessPool
+from .transport import connect
+
+log = logging.getLogger("mpqueue.worker")
+
+
+def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait):
+    """Make ``first_call()`` succeed, retrying with backoff while the broker is not up."""
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    said = False
+    while True:
+        try:
+            return first_call()
+        except AuthenticationError:
+            raise
+        except BrokerUnavailable as e:
+            if time.monotonic() + delay > deadline:
+                raise BrokerUnavailable(
+                    f"no broker at {format_address(address)} after {wait:.0f} s ({e})") from None
+            if not said:
+                log.info("waiting for the broker at %s (up to %.0f s)...", format_address(address), wait)
+                said = True
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class Worker:
+    def __init__(self, address: tuple[str, int], authkey: bytes, procs: int):
+        self.address = address
+        self.procs = procs
+        self.id = uuid.uuid4().hex[:12]
+        self.broker, _ = connect(address, authkey)
+        self._lock = threading.Condition()
+        self._inbox: deque = deque()        # (task, function bytes), fetched, not started
+        self._in_hand = 0                   # fetched and not yet finished
+        self._outbox: list = []             # outcomes not yet reported
+        self._running: list[int] = []       # ids of the jobs children run now
+        self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
+        self._fetching = False
+        self._reporting = False
+        self._failure: BrokerUnavailable | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def run(self) -> int:
+        """Serve until stopped. Returns the process exit code."""
+        reach_broker(self.address, lambda: self.broker.register(self.id, "worker", {
+            "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
+            "version": __version__}))
+        log.info("worker %s serving %s with %d procs", self.id, format_address(self.address), self.procs)
+        self._install_signals()
+        pool = ProcessPool(self.procs)
+        self._fetching = self._reporting = True
+        threads = [threading.Thread(target=self._guard, args=(self._fetch_loop,), name="fetch"),
+                   threading.Thread(target=self._guard, args=(self._report_loop,), name="report")]
+        for t in threads:
+            t.start()
+        try:
+            self._serve(pool)
+        finally:
+            if self._stop >= 2 or self._failure:
+                pool.kill_busy()
+            with self._lock:
+                self._reporting = False
+                self._lock.notify_all()
+            for t in threads:
+                t.join()
+            pool.close()
+        if self._failure is not None:
+            log.error("%s; stopping", self._failure)
+            return 1
+        try:
+            self.broker.unregister(self.id)   # the broker re-queues anything left
+        except BrokerUnavailable:
+            pass
+        log.info("worker %s stopped", self.id)
+        return 0
+
+    def _serve(self, pool: ProcessPool) -> None:
+        while True:
+            with self._lock:
+                stop = self._stop
+                if stop >= 2:
+                    return                      # run() kills the busy children
+                if stop:
+                    self._inbox.clear()         # never started: unregister gives them back
+                    if not self._fetching and not pool.busy():
+                        return
+                idle = pool.idle()
+                while idle and self._inbox:
+                    task, blob = self._inbox.popleft()
+                    idle.pop().run(task, blob)
+                self._running = [c.task.id for c in pool.busy()]
+            outcomes = pool.wait(None, self._wake_r)
+            self._drain_wakeups()
+            if outcomes:
+                with self._lock:
+                    self._outbox.extend(outcomes)
+                    self._in_hand -= len(outcomes)
+                    self._lock.notify_all()
+
+    # -- threads ------------------------------------------------------------
+
+    def _guard(self, loop) -> None:
+        try:
+            loop()
+        except BrokerUnavailable as e:
+            with self._lock:
+                self._failure = self._failure or e
+                self._stop = 2
+        except LookupError:
+            with self._lock:
+                self._failure = self._failure or BrokerUnavailable(
+                    "the broker no longer knows this worker (it was presumed lost)")
+                self._stop = 2
+        finally:
+            self._wake()
+
+    def _fetch_loop(self) -> None:
+        try:
+            self._fetch_until_stopped()
+        finally:
+            with self._lock:
+                self._fetching = False
+
+    def _fetch_until_stopped(self) -> None:
+        capacity = 2 * self.procs
+        while True:
+            with self._lock:
+                while not self._stop and self._in_hand >= capacity:
+                    self._lock.wait()
+                if self._stop:
+                    return
+                room = capacity - self._in_hand
+            reply = self.broker.fetch(self.id, room, SETTINGS.wait_slice)
+            if reply is None:
+                log.info("the cluster is shutting down")
+                with self._lock:
+                    self._stop = max(self._stop, 1)
+                return
+            tasks, functions = reply
+            if tasks:
+                with self._lock:
+                    self._inbox.extend((t, functions[t.fn]) for t in tasks)
+                    self._in_hand += len(tasks)
+                self._wake()
+
+    def _report_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._outbox and self._reporting:
+                    self._lock.wait(SETTINGS.heartbeat_interval)
+                outcomes, self._outbox = self._outbox, []
+                running = self._running
+                last = not self._reporting and not outcomes
+            self.broker.report(self.id, outcomes, running)
+            if last:
+                return
+
+    # -- signals and wakeups --------------------------------------------------
+
+    def stop(self, cold: bool = False) -> None:
+        """Stop warm (running jobs finish) or cold (they are killed). Any thread."""
+        with self._lock:
+            self._stop = 2 if cold else self._stop + 1
+            self._lock.notify_all()
+        self._wake()
+
+    def _install_signals(self) -> None:
+        def on_signal(signum, frame):
+            self.stop()
+            how = "warm stop: finishing running jobs" if self._stop == 1 else "cold stop: killing running jobs"
+            log.info("%s received; %s", signal.Signals(signum).name, how)
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass    # already full of wakeups
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass

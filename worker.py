@@ -1,0 +1,7 @@
+"""`python worker.py ...` is `mpqueue worker ...`: a thin entry point for users of the source tree."""
+import sys
+
+from mpqueue.cli import main
+
+if __name__ == "__main__":
+    main(["worker", *sys.argv[1:]])
