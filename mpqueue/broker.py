@@ -121,15 +121,15 @@ class Broker:
             left = self._connections[session] - 1
             if left:
                 self._connections[session] = left
-            else:
-                del self._connections[session]
+                return
+            # Its last connection: the process is gone (or its network is).
+            del self._connections[session]
             worker = self._workers.get(session)
             if worker is not None:
-                # A worker never closes a connection while it means to stay.
                 log.warning("worker %s (%s pid %d) disconnected", worker.id, worker.host, worker.pid)
                 self._lose_worker(worker)
             client = self._clients.get(session)
-            if client is not None and not left:
+            if client is not None:
                 client.gone_since = time.monotonic()
 
     def register(self, session: str, kind: str, info: dict) -> dict:

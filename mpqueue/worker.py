@@ -6,10 +6,11 @@
     report thread ◀── outbox ◀────────────────────┘   (results, and which jobs run now)
          └──broker.report(): results in batches, and a heartbeat when idle
 
-Three threads, each blocking on its own thing: the fetch thread in the broker
+Four threads, each blocking on its own thing: the fetch thread in the broker
 (it asks for at most as many jobs as the worker has room for: its procs, plus
 as many prefetched, so an idle host is never starved by a busy one), the main
-thread on its children's pipes and sentinels, the report thread on its outbox.
+thread on its children's pipes and sentinels, the report thread on its outbox,
+and a watch thread on the cluster's shutdown event, served by the broker.
 
 Stopping: the first SIGTERM or Ctrl-C (or the cluster's shutdown) is a warm
 stop: no more fetching, running jobs finish and their results are delivered.
@@ -64,14 +65,13 @@ class Worker:
         self.address = address
         self.procs = procs
         self.id = uuid.uuid4().hex[:12]
-        self.broker, _ = connect(address, authkey)
+        self.broker, self.shutdown_event = connect(address, authkey)
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
         self._in_hand = 0                   # fetched and not yet finished
         self._outbox: list = []             # outcomes not yet reported
         self._running: list[int] = []       # ids of the jobs children run now
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
-        self._fetching = False
         self._reporting = False
         self._failure: BrokerUnavailable | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -80,17 +80,17 @@ class Worker:
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
-        reach_broker(self.address, lambda: self.broker.register(self.id, "worker", {
-            "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
-            "version": __version__}))
+        reach_broker(self.address, self._register)
         log.info("worker %s serving %s with %d procs", self.id, format_address(self.address), self.procs)
         self._install_signals()
         pool = ProcessPool(self.procs)
-        self._fetching = self._reporting = True
-        threads = [threading.Thread(target=self._guard, args=(self._fetch_loop,), name="fetch"),
-                   threading.Thread(target=self._guard, args=(self._report_loop,), name="report")]
-        for t in threads:
-            t.start()
+        self._reporting = True
+        reporter = threading.Thread(target=self._guard, args=(self._report_loop,), name="report")
+        reporter.start()
+        # These two may be blocked in the broker when we stop: they are not
+        # waited for. What the fetcher leases late, unregister() gives back.
+        for loop in (self._fetch_loop, self._watch_loop):
+            threading.Thread(target=self._guard, args=(loop,), name=loop.__name__, daemon=True).start()
         try:
             self._serve(pool)
         finally:
@@ -99,8 +99,7 @@ class Worker:
             with self._lock:
                 self._reporting = False
                 self._lock.notify_all()
-            for t in threads:
-                t.join()
+            reporter.join()
             pool.close()
         if self._failure is not None:
             log.error("%s; stopping", self._failure)
@@ -120,7 +119,7 @@ class Worker:
                     return                      # run() kills the busy children
                 if stop:
                     self._inbox.clear()         # never started: unregister gives them back
-                    if not self._fetching and not pool.busy():
+                    if not pool.busy():
                         return
                 idle = pool.idle()
                 while idle and self._inbox:
@@ -144,22 +143,15 @@ class Worker:
             with self._lock:
                 self._failure = self._failure or e
                 self._stop = 2
-        except LookupError:
-            with self._lock:
-                self._failure = self._failure or BrokerUnavailable(
-                    "the broker no longer knows this worker (it was presumed lost)")
-                self._stop = 2
         finally:
             self._wake()
 
-    def _fetch_loop(self) -> None:
-        try:
-            self._fetch_until_stopped()
-        finally:
-            with self._lock:
-                self._fetching = False
+    def _register(self) -> None:
+        self.broker.register(self.id, "worker", {
+            "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
+            "version": __version__})
 
-    def _fetch_until_stopped(self) -> None:
+    def _fetch_loop(self) -> None:
         capacity = 2 * self.procs
         while True:
             with self._lock:
@@ -168,18 +160,29 @@ class Worker:
                 if self._stop:
                     return
                 room = capacity - self._in_hand
-            reply = self.broker.fetch(self.id, room, SETTINGS.wait_slice)
+            try:
+                reply = self.broker.fetch(self.id, room, SETTINGS.wait_slice)
+            except LookupError:
+                if self._stop:
+                    return
+                log.warning("the broker presumed this worker lost (silent too long); rejoining")
+                self._register()
+                continue
             if reply is None:
-                log.info("the cluster is shutting down")
-                with self._lock:
-                    self._stop = max(self._stop, 1)
-                return
+                return      # the cluster is shutting down: the watch thread stops us
             tasks, functions = reply
             if tasks:
                 with self._lock:
                     self._inbox.extend((t, functions[t.fn]) for t in tasks)
                     self._in_hand += len(tasks)
                 self._wake()
+
+    def _watch_loop(self) -> None:
+        while not self._stop:
+            if self.shutdown_event.wait(SETTINGS.wait_slice):
+                log.info("the cluster is shutting down: finishing running jobs")
+                self.stop()
+                return
 
     def _report_loop(self) -> None:
         while True:
@@ -198,14 +201,15 @@ class Worker:
     def stop(self, cold: bool = False) -> None:
         """Stop warm (running jobs finish) or cold (they are killed). Any thread."""
         with self._lock:
-            self._stop = 2 if cold else self._stop + 1
+            self._stop = max(self._stop, 2 if cold else 1)
             self._lock.notify_all()
         self._wake()
 
     def _install_signals(self) -> None:
         def on_signal(signum, frame):
-            self.stop()
-            how = "warm stop: finishing running jobs" if self._stop == 1 else "cold stop: killing running jobs"
+            cold = self._stop > 0
+            self.stop(cold)
+            how = "cold stop: killing running jobs" if cold else "warm stop: finishing running jobs"
             log.info("%s received; %s", signal.Signals(signum).name, how)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)

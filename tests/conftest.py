@@ -1,0 +1,185 @@
+"""Real processes, real sockets: a broker on port 0 and workers as subprocesses.
+
+Every test runs with its own authkey, config directory and a process tag in
+its environment, inherited by everything it starts (brokers, workers, their
+forkservers and children, local clusters). On teardown, after the fixtures
+have stopped what they started, the tag proves no process was left behind,
+even one re-parented to init after a ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mpqueue import Client
+
+TAG = "MPQUEUE_TEST_TAG"
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """Own authkey, config dir and tag; no process may outlive the test."""
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv(TAG, tag)
+    monkeypatch.setenv("MPQUEUE_AUTHKEY", "key-" + tag)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("MPQUEUE_ADDRESS", raising=False)
+    yield tag
+    deadline = time.monotonic() + 10
+    while (left := tagged_processes(tag)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for proc in left:
+        proc.kill()
+    assert not left, "processes left behind: " + ", ".join(
+        f"{p.pid} {' '.join(p.cmdline())}" for p in left)
+
+
+def kill_tree(pid: int, sig=signal.SIGKILL) -> None:
+    """Send ``sig`` to a process and every descendant it has now."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+class Cluster:
+    """Starts brokers, workers and clients for one test, and stops them all."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.procs: list[subprocess.Popen] = []
+        self.clients: list[Client] = []
+        self.address: str | None = None
+        self.broker: subprocess.Popen | None = None
+
+    def start_broker(self, *args: str, env: dict | None = None) -> str:
+        self.broker = self.popen(["mpqueue", "broker", "--port", "0", *args], "broker",
+                                 stdout=subprocess.PIPE, env=env)
+        line = read_line(self.broker.stdout, 15)
+        assert "listening on" in line, line
+        self.address = line.rsplit("listening on", 1)[1].split()[0]
+        return self.address
+
+    def start_worker(self, procs: int = 2, *args: str, address: str | None = None,
+                     env: dict | None = None, wait: bool = True) -> subprocess.Popen:
+        before = len(self.status()["workers"]) if wait else 0
+        proc = self.popen(["mpqueue", "worker", address or self.address, "--procs", str(procs), *args],
+                          "worker", env=env)
+        if wait:
+            self.wait_for(lambda s: len(s["workers"]) > before, "worker to register")
+        return proc
+
+    def popen(self, command: list[str], name: str, env: dict | None = None, **kwargs) -> subprocess.Popen:
+        log = open(self.tmp_path / f"{name}-{len(self.procs)}.log", "w+")
+        proc = subprocess.Popen(command, stderr=log, env=None if env is None else {**os.environ, **env},
+                                **kwargs)
+        proc.log = log
+        self.procs.append(proc)
+        return proc
+
+    def client(self, **kwargs) -> Client:
+        client = Client(self.address, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def run(self, *args: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
+        """Run an ``mpqueue`` command as a user types it."""
+        return subprocess.run(["mpqueue", *args], capture_output=True, text=True, timeout=timeout,
+                              env=None if env is None else {**os.environ, **env})
+
+    def status(self) -> dict:
+        result = self.run("status", self.address, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def wait_for(self, predicate, what: str, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if predicate(status):
+                return status
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; status: {status}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.shutdown(wait=False, cancel_futures=True)
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+            proc.wait(10)
+            proc.log.close()
+            if proc.stdout:
+                proc.stdout.close()
+        for client in self.clients:
+            client.shutdown(wait=True)
+
+
+def read_line(stream, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, f"no output within {timeout} s"
+    return stream.readline().decode()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A broker on port 0 and nothing else yet; start workers with start_worker()."""
+    c = Cluster(tmp_path)
+    c.start_broker()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def empty(tmp_path):
+    """A Cluster helper with nothing started."""
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def logs(proc: subprocess.Popen) -> str:
+    proc.log.flush()
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def python(code: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a user script in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})

@@ -1,0 +1,203 @@
+"""Failures a user can cause, with real signals: nothing else is lost or hangs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from conftest import kill_tree, logs
+from mpqueue import BrokerUnavailable, ClusterShutdown, WorkerLost
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def wait_then(path: Path, value):
+    """Block until ``path`` exists (the test's go signal), then return ``value``."""
+    while not path.exists():
+        time.sleep(0.01)
+    return value
+
+
+def started_then_wait(started: Path, go: Path, value):
+    started.touch()
+    return wait_then(go, value)
+
+
+def die_once(marker: Path, how: str, value):
+    """Die the first time (by ``how``); succeed when re-run."""
+    if not marker.exists():
+        marker.touch()
+        die(how)
+    return value
+
+
+def die(how: str):
+    if how == "exit":
+        os._exit(3)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how, exitcode, signame", [
+    ("exit", 3, None),
+    ("sigkill", -9, "SIGKILL"),
+    ("segfault", -11, "SIGSEGV"),
+])
+def test_a_dying_child_fails_only_its_own_job(cluster, how, exitcode, signame):
+    cluster.start_worker(2)
+    client = cluster.client()
+    doomed = client.submit(die, how)
+    others = [client.submit(pow, i, 2) for i in range(20)]
+    with pytest.raises(WorkerLost) as info:
+        doomed.result(30)
+    err = info.value
+    assert (err.exitcode, err.signal, err.attempts) == (exitcode, signame, 3)
+    assert (signame or f"exit code {exitcode}") in str(err)
+    assert [f.result(10) for f in others] == [i * i for i in range(20)]
+    assert client.submit(abs, -1).result(10) == 1       # the worker replaced its children
+    assert cluster.status()["workers"][0]["lost"] == 3
+
+
+def test_a_job_whose_child_dies_once_is_rerun(cluster):
+    cluster.start_worker(1)
+    client = cluster.client()
+    assert client.submit(die_once, cluster.tmp_path / "died", "exit", "second time lucky").result(30) \
+        == "second time lucky"
+
+
+def test_kill_9_of_a_worker_and_its_children_loses_no_job(cluster):
+    go = cluster.tmp_path / "go"
+    victim = cluster.start_worker(2)
+    client = cluster.client()
+    futures = [client.submit(wait_then, go, i) for i in range(4)]
+    cluster.wait_for(lambda s: s["running"] == 2, "jobs to run on the victim")
+    kill_tree(victim.pid)
+    cluster.start_worker(2)
+    go.touch()
+    assert [f.result(30) for f in futures] == [0, 1, 2, 3]
+
+
+def test_sigterm_is_a_warm_stop(cluster):
+    started, go = cluster.tmp_path / "started", cluster.tmp_path / "go"
+    worker = cluster.start_worker(1)
+    client = cluster.client()
+    running = client.submit(started_then_wait, started, go, "finished where it started")
+    queued = [client.submit(abs, -i) for i in range(5)]
+    while not started.exists():
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.poll() is None, "a warm stop waits for the running job"
+    go.touch()
+    assert running.result(10) == "finished where it started"
+    assert worker.wait(10) == 0
+    assert "warm stop" in logs(worker)
+    cluster.start_worker(1)     # the queued jobs went back to the broker
+    assert [f.result(20) for f in queued] == [0, 1, 2, 3, 4]
+
+
+def test_second_sigterm_is_a_cold_stop_and_the_job_runs_elsewhere(cluster):
+    started, go = cluster.tmp_path / "started", cluster.tmp_path / "go"
+    worker = cluster.start_worker(1)
+    client = cluster.client()
+    job = client.submit(started_then_wait, started, go, "done")
+    while not started.exists():
+        time.sleep(0.01)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(10) == 0
+    assert "cold stop" in logs(worker)
+    go.touch()
+    cluster.start_worker(1)
+    assert job.result(20) == "done"
+    assert cluster.status()["workers"][0]["lost"] == 0      # a cold stop is not the job's fault
+
+
+def test_a_silent_worker_is_presumed_lost_and_rejoins(empty):
+    empty.start_broker(env={"MPQUEUE_HEARTBEAT_TIMEOUT": "1.5"})
+    go = empty.tmp_path / "go"
+    frozen = empty.start_worker(1)
+    client = empty.client()
+    job = client.submit(wait_then, go, "rescued")
+    empty.wait_for(lambda s: s["running"] == 1, "the job to run")
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        empty.wait_for(lambda s: not s["workers"], "the frozen worker to be dropped")
+        empty.start_worker(1)
+        go.touch()
+        assert job.result(20) == "rescued"
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    empty.wait_for(lambda s: len(s["workers"]) == 2, "the thawed worker to rejoin")
+    assert "rejoining" in logs(frozen)
+
+
+@pytest.mark.parametrize("garbage", [
+    b"",                                        # connect and close
+    os.urandom(4096),                           # noise
+    b"\xff\xff\xff\xff" + b"x" * 100,           # a huge length header
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",       # the wrong protocol
+    b"\x00\x00\x00\x14" + b"\x00" * 20,         # a plausible, wrong digest
+])
+def test_garbage_on_the_port_leaves_the_broker_serving(cluster, garbage):
+    cluster.start_worker(1)
+    host, port = cluster.address.split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(garbage)
+        try:
+            s.recv(1024)
+        except OSError:
+            pass
+    half_open = socket.create_connection((host, int(port)), timeout=5)   # says nothing
+    try:
+        assert cluster.client().submit(abs, -5).result(10) == 5
+    finally:
+        half_open.close()
+
+
+def test_shutdown_drains_running_jobs_and_fails_queued_ones(cluster):
+    started, go = cluster.tmp_path / "started", cluster.tmp_path / "go"
+    worker = cluster.start_worker(1)
+    client = cluster.client()
+    running = client.submit(started_then_wait, started, go, "drained")
+    queued = [client.submit(abs, -i) for i in range(3)]
+    while not started.exists():
+        time.sleep(0.01)
+    result = cluster.run("shutdown", cluster.address)
+    assert result.returncode == 0, result.stderr
+    time.sleep(0.3)
+    assert worker.poll() is None and cluster.broker.poll() is None
+    go.touch()
+    assert running.result(10) == "drained"
+    for f in queued:
+        with pytest.raises(ClusterShutdown):
+            f.result(10)
+    assert worker.wait(10) == 0
+    assert cluster.broker.wait(15) == 0
+
+
+def test_broker_death_fails_pending_futures_and_stops_workers(cluster):
+    go = cluster.tmp_path / "go"
+    worker = cluster.start_worker(1)
+    client = cluster.client()
+    job = client.submit(wait_then, go, 1)
+    cluster.wait_for(lambda s: s["running"] == 1, "the job to run")
+    cluster.broker.kill()
+    with pytest.raises(BrokerUnavailable):
+        job.result(20)
+    assert worker.wait(20) != 0
+    assert "broker" in logs(worker)
+    with pytest.raises(BrokerUnavailable):
+        client.submit(abs, 1)
