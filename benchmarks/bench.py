@@ -1,0 +1,625 @@
+"""Benchmark mpqueue against ``multiprocessing.Pool(2)`` on the same workloads.
+
+Run from the repository root::
+
+    python benchmarks/bench.py            # full run (about a minute on 2 cores)
+    python benchmarks/bench.py --quick    # smaller and faster, for a smoke check
+    python benchmarks/bench.py --json     # also dump every raw figure as JSON (stdout)
+    python benchmarks/bench.py --json out.json   # ... or into a file
+
+Progress goes to stderr; the table (and JSON, if asked for) to stdout.
+
+mpqueue runs as a real cluster: a broker subprocess (``mpqueue broker --port 0``)
+and one worker subprocess (``mpqueue worker HOST:PORT --procs 2``), both with a
+fresh random ``MPQUEUE_AUTHKEY``, and this process connects with
+``mpqueue.Client("HOST:PORT", authkey=...)``. Nothing is timed before the
+worker is registered and both of its children have run a warm-up job. The
+baseline is one ``multiprocessing.Pool(2)`` (the platform's default start
+method), warmed up the same way. Each workload runs on both, alternating which
+goes first, ``--reps`` times; the table shows the median over repetitions.
+
+Workloads:
+
+cold start  ``with Client() as c: c.submit(abs, -1).result()`` on a private
+            local cluster (no address, ``$MPQUEUE_ADDRESS`` unset): time to the
+            first result, and total including the cluster's shutdown. Pool:
+            ``Pool(2)`` creation to the first ``apply_async(abs, (-1,))``
+            result, and total including ``close()``/``join()``.
+W1          10,000 no-op jobs, one ``submit`` (``apply_async``) each, then all
+            results gathered: jobs/s, first submit to last result.
+W2          300 sequential round trips of a tiny job (submit, wait for the
+            result, repeat; Pool: ``apply_async(...).get()``): median and p99
+            latency in ms.
+W3          32 jobs of ~100 ms pure-Python CPU work (the loop is calibrated once
+            on this machine): parallel efficiency = sum of per-job CPU time
+            (``time.process_time`` measured inside the job and returned) /
+            (2 cores x wall time). 100% means both cores did nothing but jobs.
+W4          100 jobs each taking a 1 MiB ``bytes`` argument and returning its
+            length: MB/s (10^6 bytes) of arguments moved.
+
+The ratio column is mpqueue / Pool; the "better" column says which direction
+is good for that metric (for jobs/s, MB/s and efficiency a ratio below 1 means
+mpqueue is worse; for latencies and start-up times a ratio above 1 does).
+
+Everything the script starts (the cluster, local clusters, the Pool) is
+stopped in ``finally`` blocks, also on Ctrl-C, SIGTERM or an error: the
+cluster with ``mpqueue shutdown HOST:PORT`` and then a wait / terminate / kill
+ladder. Every mpqueue process carries a tag in its environment; at the end any
+tagged process still alive (even one re-parented to init) is reported as a
+leak and killed by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import mpqueue
+
+TAG_VAR = "MPQUEUE_BENCH_TAG"
+TAG = uuid.uuid4().hex
+MPQUEUE = [sys.executable, "-m", "mpqueue"]     # the `mpqueue` command, same interpreter
+PROCS = 2
+
+FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w2_trips=300, w3_jobs=32, w3_ms=100.0,
+            w4_jobs=100, w4_bytes=1 << 20)
+QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
+             w4_jobs=20, w4_bytes=1 << 20)
+
+#: Generous bounds: a workload that takes longer than this is reported as a hang.
+WORKLOAD_TIMEOUT = 120.0
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# -- the jobs (module level; cloudpickle sends __main__'s functions by value) ---
+
+def noop(x):
+    return x
+
+
+def burn(n):
+    """Pure-Python CPU work; returns the CPU seconds it took, measured in the job."""
+    start = time.process_time()
+    acc = 0
+    for i in range(n):
+        acc = (acc + i * i) % 1_000_003
+    return time.process_time() - start
+
+
+def nbytes(blob):
+    return len(blob)
+
+
+def warmup_job(seconds):
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def calibrate(target_ms: float) -> tuple[int, float]:
+    """Loop count for which `burn` takes about ``target_ms`` of CPU here."""
+    n = 20_000
+    while burn(n) < 0.02:
+        n *= 2
+    samples = []
+    for _ in range(3):
+        n = max(1, int(n * (target_ms / 1000) / burn(n)))
+        samples.append(burn(n))
+    return n, statistics.median(samples) * 1000
+
+
+# -- statistics -------------------------------------------------------------------
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# -- process bookkeeping -------------------------------------------------------------
+
+def tagged_processes() -> list[tuple[int, str]]:
+    """Live (non-zombie) processes with our tag in their environment: (pid, cmdline)."""
+    found = []
+    if not os.path.isdir("/proc"):
+        return found
+    needle = f"{TAG_VAR}={TAG}".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):
+            continue
+        found.append((int(entry), cmdline))
+    return found
+
+
+def stop_process(process: subprocess.Popen, name: str, grace: float, problems: list[str]) -> None:
+    """Wait for an already-asked process, then terminate, then kill. Ctrl-C skips to kill."""
+    steps = [(None, grace), ("terminate", 5.0), ("kill", 5.0)]
+    for step, timeout in steps:
+        try:
+            if step == "terminate":
+                process.terminate()
+            elif step == "kill":
+                process.kill()
+            process.wait(timeout)
+            if step is not None:
+                problems.append(f"{name} (pid {process.pid}) did not exit within {grace:.0f} s "
+                                f"of `mpqueue shutdown`; needed {step}")
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            process.kill()
+            process.wait(5.0)
+            return
+    problems.append(f"{name} (pid {process.pid}) survived SIGKILL?")
+
+
+def run_with_timeout(fn, timeout: float, what: str):
+    """Run ``fn()`` in a daemon thread; raise BenchError if it does not return in time."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:      # noqa: BLE001 - handed back to the caller
+            box["error"] = e
+    t = threading.Thread(target=target, daemon=True, name=what)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise BenchError(f"{what} did not return within {timeout:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+# -- the mpqueue cluster --------------------------------------------------------------
+
+class Cluster:
+    """`mpqueue broker --port 0` and `mpqueue worker HOST:PORT --procs 2` as subprocesses."""
+
+    def __init__(self, logdir: str):
+        self.authkey = secrets.token_hex(32)
+        self.env = dict(os.environ, MPQUEUE_AUTHKEY=self.authkey, **{TAG_VAR: TAG})
+        self.env.pop("MPQUEUE_ADDRESS", None)
+        self.logdir = logdir
+        self.broker: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.address: str | None = None
+        self.problems: list[str] = []
+        self._logs = []
+
+    def _log(self, name: str):
+        f = open(os.path.join(self.logdir, name + ".log"), "wb")
+        self._logs.append(f)
+        return f
+
+    def start(self) -> None:
+        blog = self._log("broker")
+        self.broker = subprocess.Popen(MPQUEUE + ["broker", "--port", "0"], env=self.env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=blog)
+        line = run_with_timeout(self.broker.stdout.readline, 30, "waiting for the broker's first line")
+        line = line.decode(errors="replace")
+        if "listening on" not in line:
+            raise BenchError(f"broker did not start: {line.strip()!r}\n{self.tail('broker')}")
+        self.address = line.rsplit("listening on", 1)[1].split()[0]
+
+        def drain(stream=self.broker.stdout, sink=blog):    # nothing expected; never block it
+            for chunk in iter(lambda: stream.read1(4096), b""):
+                sink.write(chunk)
+        threading.Thread(target=drain, daemon=True, name="broker-stdout").start()
+        wlog = self._log("worker")
+        self.worker = subprocess.Popen(MPQUEUE + ["worker", self.address, "--procs", str(PROCS)],
+                                       env=self.env, stdin=subprocess.DEVNULL, stdout=wlog,
+                                       stderr=subprocess.STDOUT)
+        log(f"broker pid {self.broker.pid} on {self.address}, worker pid {self.worker.pid}")
+
+    def status(self) -> dict:
+        out = subprocess.run(MPQUEUE + ["status", self.address, "--json"], env=self.env,
+                             capture_output=True, timeout=30)
+        if out.returncode:
+            raise BenchError(f"`mpqueue status` failed: {out.stderr.decode().strip()}")
+        return json.loads(out.stdout)
+
+    def wait_for_worker(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, p in (("broker", self.broker), ("worker", self.worker)):
+                if p.poll() is not None:
+                    raise BenchError(f"{name} exited with {p.returncode}\n{self.tail(name)}")
+            info = self.status()
+            if any(w["procs"] == PROCS for w in info["workers"]):
+                return info
+            if time.monotonic() > deadline:
+                raise BenchError(f"no worker registered after {timeout:.0f} s\n{self.tail('worker')}")
+            time.sleep(0.2)
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        try:
+            with open(os.path.join(self.logdir, name + ".log"), "rb") as f:
+                text = f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"--- last lines of the {name} log ---\n" + "\n".join(text)
+
+    def stop(self) -> None:
+        """`mpqueue shutdown HOST:PORT`, then wait / terminate / kill each process."""
+        try:
+            if self.address and self.broker and self.broker.poll() is None:
+                t0 = time.perf_counter()
+                out = subprocess.run(MPQUEUE + ["shutdown", self.address], env=self.env,
+                                     capture_output=True, timeout=30)
+                if out.returncode:
+                    self.problems.append(f"`mpqueue shutdown {self.address}` exited {out.returncode}: "
+                                         f"{out.stderr.decode().strip()}")
+                log(f"`mpqueue shutdown` returned in {time.perf_counter() - t0:.2f} s")
+        except (subprocess.TimeoutExpired, OSError) as e:
+            self.problems.append(f"`mpqueue shutdown` failed: {e}")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            t0 = time.perf_counter()
+            if self.worker is not None:
+                stop_process(self.worker, "worker", 15.0, self.problems)
+            if self.broker is not None:
+                stop_process(self.broker, "broker", 15.0, self.problems)
+                self.broker.stdout.close()
+            for f in self._logs:
+                f.close()
+            if self.worker is not None or self.broker is not None:
+                log(f"cluster processes exited {time.perf_counter() - t0:.2f} s after the shutdown "
+                    f"request (worker rc {self.worker and self.worker.returncode}, "
+                    f"broker rc {self.broker and self.broker.returncode})")
+
+
+# -- the workloads: one function per (workload, system) ----------------------------------
+# Each takes a `Runner` and returns a dict of figures.
+
+class MpqueueRunner:
+    name = "mpqueue"
+
+    def __init__(self, client: mpqueue.Client):
+        self.client = client
+
+    def many(self, fn, args_list, timeout=WORKLOAD_TIMEOUT):
+        """Submit each job, then wait for all: (results, wall seconds)."""
+        submit = self.client.submit
+        start = time.perf_counter()
+        futures = [submit(fn, *args) for args in args_list]
+        done, not_done = concurrent.futures.wait(futures, timeout)
+        wall = time.perf_counter() - start
+        if not_done:
+            raise BenchError(f"mpqueue: {len(not_done)} of {len(futures)} jobs still unfinished "
+                             f"after {timeout:.0f} s")
+        return [f.result() for f in futures], wall
+
+    def round_trip(self, fn, *args):
+        return self.client.submit(fn, *args).result(timeout=30)
+
+
+class PoolRunner:
+    name = "Pool"
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def many(self, fn, args_list, timeout=WORKLOAD_TIMEOUT):
+        apply = self.pool.apply_async
+        start = time.perf_counter()
+        pending = [apply(fn, args) for args in args_list]
+        deadline = start + timeout
+        results = [r.get(max(0.0, deadline - time.perf_counter())) for r in pending]
+        return results, time.perf_counter() - start
+
+    def round_trip(self, fn, *args):
+        return self.pool.apply_async(fn, args).get(30)
+
+
+def w1_throughput(runner, p) -> dict:
+    n = p["w1_jobs"]
+    results, wall = runner.many(noop, [(i,) for i in range(n)])
+    if results != list(range(n)):
+        raise BenchError(f"{runner.name} W1: wrong results")
+    return {"jobs": n, "wall_s": wall, "jobs_per_s": n / wall}
+
+
+def w2_latency(runner, p) -> dict:
+    for i in range(10):                         # not timed
+        runner.round_trip(noop, i)
+    samples = []
+    for i in range(p["w2_trips"]):
+        t0 = time.perf_counter()
+        value = runner.round_trip(noop, i)
+        samples.append((time.perf_counter() - t0) * 1000)
+        if value != i:
+            raise BenchError(f"{runner.name} W2: wrong result")
+    return {"trips": len(samples), "median_ms": median(samples), "p99_ms": percentile(samples, 99),
+            "max_ms": max(samples), "samples_ms": samples}
+
+
+def w3_efficiency(runner, p) -> dict:
+    n, jobs = p["burn_n"], p["w3_jobs"]
+    cpu, wall = runner.many(burn, [(n,)] * jobs)
+    return {"jobs": jobs, "wall_s": wall, "cpu_s": sum(cpu), "job_cpu_ms_median": median(cpu) * 1000,
+            "efficiency": sum(cpu) / (PROCS * wall)}
+
+
+def w4_bandwidth(runner, p) -> dict:
+    blob = p["blob"]
+    jobs = p["w4_jobs"]
+    results, wall = runner.many(nbytes, [(blob,)] * jobs)
+    if results != [len(blob)] * jobs:
+        raise BenchError(f"{runner.name} W4: wrong results")
+    moved = len(blob) * jobs
+    return {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
+
+
+WORKLOADS = [("W1", w1_throughput), ("W2", w2_latency), ("W3", w3_efficiency), ("W4", w4_bandwidth)]
+
+
+def cold_mpqueue(problems: list[str]) -> dict:
+    """``with Client() as c: c.submit(abs, -1).result()`` on a private local cluster."""
+    t0 = time.perf_counter()
+    client = mpqueue.Client()
+    try:
+        value = client.submit(abs, -1).result(timeout=60)
+        first = time.perf_counter() - t0
+        cluster = getattr(client, "_cluster", None)
+        processes = list(getattr(cluster, "processes", []))
+    finally:
+        # Same as leaving the `with` block (Executor.__exit__ -> shutdown(wait=True)), but
+        # bounded so that a hang is reported, not waited out.
+        run_with_timeout(lambda: client.shutdown(wait=True), 60, "Client().shutdown()")
+    total = time.perf_counter() - t0
+    if value != 1:
+        raise BenchError("cold start: abs(-1) != 1")
+    left = [p.pid for p in processes if p.poll() is None]
+    if left:
+        problems.append(f"cold start: local cluster processes {left} still running after "
+                        "Client.shutdown() returned")
+    return {"first_result_s": first, "total_s": total}
+
+
+def cold_pool() -> dict:
+    t0 = time.perf_counter()
+    pool = multiprocessing.Pool(PROCS)
+    try:
+        value = pool.apply_async(abs, (-1,)).get(60)
+        first = time.perf_counter() - t0
+        pool.close()
+        pool.join()
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    total = time.perf_counter() - t0
+    if value != 1:
+        raise BenchError("cold start: abs(-1) != 1")
+    return {"first_result_s": first, "total_s": total}
+
+
+# -- the table ----------------------------------------------------------------------------
+
+def build_rows(raw: dict) -> list[tuple]:
+    def med(system, workload, key):
+        return median([r[key] for r in raw[system][workload]])
+
+    rows = []
+    for key, label in (("first_result_s", "time to first result (ms)"),
+                       ("total_s", "total incl. shutdown (ms)")):
+        rows.append(("cold start", label, med("mpqueue", "cold", key) * 1000,
+                     med("Pool", "cold", key) * 1000, "lower", "{:,.0f}"))
+    rows.append((f"W1 {raw['params']['w1_jobs']:,} no-op", "throughput (jobs/s)",
+                 med("mpqueue", "W1", "jobs_per_s"), med("Pool", "W1", "jobs_per_s"), "higher", "{:,.0f}"))
+    trips = raw["params"]["w2_trips"]
+    rows.append((f"W2 {trips} round trips", "median latency (ms)", med("mpqueue", "W2", "median_ms"),
+                 med("Pool", "W2", "median_ms"), "lower", "{:.3f}"))
+    rows.append((f"W2 {trips} round trips", "p99 latency (ms)", med("mpqueue", "W2", "p99_ms"),
+                 med("Pool", "W2", "p99_ms"), "lower", "{:.3f}"))
+    rows.append((f"W3 {raw['params']['w3_jobs']} x {raw['params']['w3_ms']:.0f} ms CPU",
+                 "parallel efficiency (%)", med("mpqueue", "W3", "efficiency") * 100,
+                 med("Pool", "W3", "efficiency") * 100, "higher", "{:.1f}"))
+    rows.append((f"W4 {raw['params']['w4_jobs']} x 1 MiB args", "argument bandwidth (MB/s)",
+                 med("mpqueue", "W4", "mb_per_s"), med("Pool", "W4", "mb_per_s"), "higher", "{:,.1f}"))
+    return rows
+
+
+def format_table(rows: list[tuple]) -> str:
+    header = ("workload", "metric", "mpqueue", "Pool", "ratio", "better")
+    body = []
+    for workload, metric, a, b, better, fmt in rows:
+        ratio = f"{a / b:.2f}x" if b else "n/a"
+        body.append((workload, metric, fmt.format(a), fmt.format(b), ratio, better))
+    widths = [max(len(r[i]) for r in body + [header]) for i in range(len(header))]
+    align = ["<", "<", ">", ">", ">", "<"]
+
+    def line(cells):
+        return "  ".join(f"{c:{a}{w}}" for c, a, w in zip(cells, align, widths)).rstrip()
+    out = [line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in body]
+    return "\n".join(out)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workloads, one repetition")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="also dump the raw figures as JSON, to FILE or (no FILE) stdout")
+    parser.add_argument("--reps", type=int, help="repetitions of each workload (default 3, quick 1)")
+    args = parser.parse_args()
+    p = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        p["reps"] = p["cold_reps"] = args.reps
+
+    # Our own Ctrl-C-like exit on SIGTERM, so that the finally blocks run.
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    os.environ.pop("MPQUEUE_ADDRESS", None)     # Client() must mean a private local cluster
+    os.environ[TAG_VAR] = TAG                   # inherited by the local clusters' processes
+    started = time.perf_counter()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    raw: dict = {"mpqueue": {}, "Pool": {}, "problems": [], "machine": {
+        "python": sys.version.split()[0], "platform": platform.platform(), "cores": cores,
+        "mpqueue_version": mpqueue.__version__, "pool_start_method": multiprocessing.get_start_method(),
+        "loadavg_start": os.getloadavg()}}
+    problems: list[str] = raw["problems"]
+
+    log(f"mode {'quick' if args.quick else 'full'}: {p['reps']} repetition(s); {cores} cores, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    p["burn_n"], per_job = calibrate(p["w3_ms"])
+    log(f"calibrated W3 job: burn({p['burn_n']:,}) = {per_job:.1f} ms CPU in this process")
+    raw["calibration"] = {"burn_n": p["burn_n"], "burn_ms": per_job}
+
+    pool = cluster = client = None
+    logdir = tempfile.mkdtemp(prefix="mpqueue-bench-")
+    failed = False
+    try:
+        # Cold starts first, while this process has no threads, so Pool's fork is clean.
+        for key in ("mpqueue", "Pool"):
+            raw[key]["cold"] = []
+        for rep in range(p["cold_reps"]):
+            order = [("mpqueue", lambda: cold_mpqueue(problems)), ("Pool", cold_pool)]
+            for system, fn in (order if rep % 2 == 0 else order[::-1]):
+                result = fn()
+                raw[system]["cold"].append(result)
+                log(f"cold start {system}: first result {result['first_result_s'] * 1000:.0f} ms, "
+                    f"total {result['total_s'] * 1000:.0f} ms")
+        if threading.active_count() > 1:
+            problems.append(f"threads still alive after the cold starts: "
+                            f"{[t.name for t in threading.enumerate()]}")
+
+        # The Pool is created before the Client starts its threads (Pool forks).
+        pool = multiprocessing.Pool(PROCS)
+        pool.map(warmup_job, [0.05] * (2 * PROCS))
+        cluster = Cluster(logdir)
+        cluster.start()
+        info = cluster.wait_for_worker()
+        log(f"worker registered: {info['workers']}")
+        client = mpqueue.Client(cluster.address, authkey=cluster.authkey)
+        pids = set(run_with_timeout(
+            lambda: [f.result(60) for f in [client.submit(warmup_job, 0.2) for _ in range(2 * PROCS)]],
+            90, "mpqueue warm-up"))
+        log(f"warm-up done on mpqueue children {sorted(pids)}")
+
+        p["blob"] = os.urandom(p["w4_bytes"])
+        runners = [MpqueueRunner(client), PoolRunner(pool)]
+        for name, fn in WORKLOADS:
+            for r in runners:
+                raw[r.name][name] = []
+            for rep in range(p["reps"]):
+                for r in (runners if rep % 2 == 0 else runners[::-1]):
+                    result = fn(r, p)
+                    raw[r.name][name].append(result)
+                    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
+                             if not isinstance(v, list)}
+                    log(f"{name} rep {rep + 1} {r.name}: {shown}")
+    except KeyboardInterrupt:
+        failed = True
+        log("interrupted: cleaning up")
+    except Exception as e:
+        failed = True
+        log(f"FAILED: {type(e).__name__}: {e}")
+        if cluster is not None:
+            for name in ("broker", "worker"):
+                print(cluster.tail(name), file=sys.stderr)
+    finally:
+        if client is not None:
+            try:
+                run_with_timeout(lambda: client.shutdown(wait=True, cancel_futures=failed), 60,
+                                 "Client.shutdown()")
+            except BaseException as e:      # noqa: BLE001 - keep cleaning up
+                problems.append(f"client shutdown: {type(e).__name__}: {e}")
+        if cluster is not None:
+            cluster.stop()
+            problems.extend(cluster.problems)
+        if pool is not None:
+            if failed:
+                pool.terminate()
+            else:
+                pool.close()
+            pool.join()
+        deadline = time.monotonic() + 10
+        while (left := tagged_processes()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid, cmdline in left:
+            problems.append(f"leaked process {pid} ({cmdline}) still alive 10 s after cleanup: killed")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    raw["machine"]["loadavg_end"] = os.getloadavg()
+    raw["elapsed_s"] = time.perf_counter() - started
+    p.pop("blob", None)
+    raw["params"] = p
+    for problem in problems:
+        log(f"PROBLEM: {problem}")
+    if failed:
+        log(f"logs kept in {logdir}")
+        return 1
+
+    print(f"mpqueue {mpqueue.__version__} vs multiprocessing.Pool({PROCS}) "
+          f"[{raw['machine']['pool_start_method']}], Python {raw['machine']['python']}, "
+          f"{cores} cores, {'quick' if args.quick else 'full'} run, median of {p['reps']} rep(s) "
+          f"(cold start: {p['cold_reps']})")
+    print(format_table(build_rows(raw)))
+    print("ratio = mpqueue / Pool; 'better' = the direction that is good for the metric "
+          "(lower: ratio > 1 means mpqueue is slower; higher: ratio < 1 means it is).")
+    la, lb = raw["machine"]["loadavg_start"], raw["machine"]["loadavg_end"]
+    print(f"W3 job: burn({p['burn_n']:,}) ~ {per_job:.0f} ms CPU; load average {la[0]:.2f} -> {lb[0]:.2f}; "
+          f"{raw['elapsed_s']:.0f} s in all" + (f"; {len(problems)} problem(s), see stderr" if problems else ""))
+    if args.json:
+        text = json.dumps(raw, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+            log(f"raw figures written to {args.json}")
+    import shutil
+    shutil.rmtree(logdir, ignore_errors=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
