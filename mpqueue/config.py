@@ -42,9 +42,9 @@ class Settings:
     drain_timeout: float = 30.0
     #: Warm stop of a child: time to exit after being asked, before SIGKILL.
     child_grace: float = 2.0
-    #: A job started within this long of the last report is reported as
-    #: running with the next batch of results rather than on its own.
-    report_delay: float = 0.05
+    #: A worker prefetches about this much work per proc (by its measured job
+    #: time): one job when jobs are long, many when they are tiny.
+    prefetch_seconds: float = 0.02
 
     @classmethod
     def from_env(cls) -> "Settings":

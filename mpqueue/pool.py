@@ -63,6 +63,9 @@ class ProcessPool:
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["mpqueue.pool"])
         self.children = [Child(self._ctx) for _ in range(procs)]
+        #: Moving average of how long a job takes here, pipe round trip
+        #: included; None until one has finished.
+        self.job_seconds: float | None = None
 
     def idle(self) -> list[Child]:
         return [c for c in self.children if c.task is None]
@@ -87,6 +90,8 @@ class ProcessPool:
                     continue    # it died; its sentinel tells the rest
                 outcomes.append(Outcome(job_id, Status(status), payload))
                 child.task = None
+                took = time.monotonic() - child.started
+                self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
             child = by_sentinel.get(ready)
             if child is not None:
                 outcomes.extend(self._replace(child))

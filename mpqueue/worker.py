@@ -7,8 +7,8 @@
          └──broker.report(): results in batches, and a heartbeat when idle
 
 Four threads, each blocking on its own thing: the fetch thread in the broker
-(it asks for at most as many jobs as the worker has room for: its procs, plus
-as many prefetched, so an idle host is never starved by a busy one), the main
+(it asks for at most as many jobs as the worker has room for: see `capacity`),
+the main
 thread on its children's pipes and sentinels, the report thread on its outbox,
 and a watch thread on the cluster's shutdown event, served by the broker.
 
@@ -37,6 +37,23 @@ from .pool import ProcessPool
 from .transport import connect
 
 log = logging.getLogger("mpqueue.worker")
+
+#: Prefetch at most this many jobs per proc, however short they are.
+MAX_PREFETCH = 64
+
+
+def capacity(procs: int, job_seconds: float | None) -> int:
+    """How many jobs a worker holds at once: one running per proc, plus a prefetch.
+
+    The prefetch covers about ``SETTINGS.prefetch_seconds`` of work per proc:
+    one job each when jobs are long (so an idle host is never starved by a busy
+    one), up to `MAX_PREFETCH` each when they are so short that a round trip to
+    the broker per few jobs would leave the children idle.
+    """
+    if not job_seconds:
+        return 2 * procs
+    per_proc = int(SETTINGS.prefetch_seconds / job_seconds)
+    return procs * (1 + max(1, min(MAX_PREFETCH, per_proc)))
 
 
 def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait):
@@ -69,6 +86,7 @@ class Worker:
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
         self._in_hand = 0                   # fetched and not yet finished
+        self._capacity = capacity(procs, None)
         self._outbox: list = []             # outcomes not yet reported
         self._running: list[int] = []       # ids of the jobs children run now
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
@@ -126,6 +144,7 @@ class Worker:
                     task, blob = self._inbox.popleft()
                     idle.pop().run(task, blob)
                 self._running = [c.task.id for c in pool.busy()]
+                self._capacity = capacity(self.procs, pool.job_seconds)
             outcomes = pool.wait(None, self._wake_r)
             self._drain_wakeups()
             if outcomes:
@@ -152,14 +171,13 @@ class Worker:
             "version": __version__})
 
     def _fetch_loop(self) -> None:
-        capacity = 2 * self.procs
         while True:
             with self._lock:
-                while not self._stop and self._in_hand >= capacity:
+                while not self._stop and self._in_hand >= self._capacity:
                     self._lock.wait()
                 if self._stop:
                     return
-                room = capacity - self._in_hand
+                room = self._capacity - self._in_hand
             try:
                 reply = self.broker.fetch(self.id, room, SETTINGS.wait_slice)
             except LookupError:
