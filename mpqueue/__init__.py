@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from .client import Client
 from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
-                     MpqueueError, RemoteError, WorkerLost)
+                     JobTimeout, MpqueueError, RemoteError, WorkerLost)
 
 __all__ = ["Client", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
-           "ClusterShutdown", "WorkerLost", "RemoteError", "__version__"]
+           "ClusterShutdown", "JobTimeout", "WorkerLost", "RemoteError", "__version__"]

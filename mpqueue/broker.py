@@ -3,9 +3,14 @@
 ::
 
     submit ─▶ queue ─fetch─▶ held by a worker ─report─▶ results of its client ─collect/ack─▶ gone
-                ▲                  │
-                └── re-queued ─────┘  worker lost (connection closed, heartbeats stopped)
-                                      or its child died with attempts left
+              ▲  ▲                 │
+              │  └── re-queued ────┤  worker lost (connection closed, heartbeats stopped),
+              │                    │  or its child died with attempts left
+              └─ delayed ◀─────────┘  raised or timed out with retries left (backoff)
+
+The queue is a heap: higher priority first, then submission order. Cancelling
+removes a queued job at once; one a worker holds is withdrawn through the
+worker's control call (dropped if not started, its child killed if it was).
 
 Dispatch is a lease, never a bare ``Queue.get()``: the broker records which
 worker holds which job, a job is done only when its result arrives, and the
@@ -24,6 +29,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import random
 import signal
 import threading
 import time
@@ -31,12 +37,13 @@ from collections import deque
 from typing import Callable
 
 from .config import SETTINGS, Settings
-from .protocol import Delivery, Outcome, Status, Submission, Task
+from .protocol import Delivery, Options, Outcome, Status, Submission, Task
 from .transport import BrokerServer
 
 log = logging.getLogger("mpqueue.broker")
 
-#: A job whose process dies this many times fails with WorkerLost.
+#: A job whose process dies this many times (or retries + 1, if more) fails
+#: with WorkerLost.
 MAX_DEATHS = 3
 #: Most results handed to a client in one `collect` (and about how many bytes).
 COLLECT_BATCH = 1000
@@ -46,11 +53,13 @@ COLLECT_BYTES = 64 << 20
 @dataclasses.dataclass(slots=True, eq=False)
 class _Job:
     task: Task
+    options: Options
     client: str
     seq: int
     worker: str | None = None   # the session holding its lease, if any
     attempts: int = 0           # times handed to a worker and not given back
     deaths: int = 0             # times the process running it died
+    queued: bool = False        # in the queue now (not leased, not backing off)
 
 
 @dataclasses.dataclass(eq=False)
@@ -61,9 +70,12 @@ class _Worker:
     procs: int
     held: set = dataclasses.field(default_factory=set)      # job ids leased to it
     running: set = dataclasses.field(default_factory=set)   # as of its last report
+    withdraw: list = dataclasses.field(default_factory=list)   # job ids to drop or kill
     done: int = 0
     failed: int = 0
     lost: int = 0
+    timed_out: int = 0
+    retried: int = 0
     last_seen: float = dataclasses.field(default_factory=time.time)
     last_seen_mono: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -71,11 +83,15 @@ class _Worker:
 @dataclasses.dataclass(eq=False)
 class _Client:
     ready: threading.Condition
-    jobs: set = dataclasses.field(default_factory=set)       # its unfinished job ids
+    jobs: dict = dataclasses.field(default_factory=dict)     # its seq -> job id, unfinished
     results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery), not yet acked
     numbers: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
     gone_since: float | None = None
     woken: bool = False
+
+
+def _max_deaths(job: _Job) -> int:
+    return max(MAX_DEATHS, job.options.retries + 1)
 
 
 class Broker:
@@ -88,11 +104,13 @@ class Broker:
         self.shutdown_event = threading.Event()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # fetchers wait here
+        self._control = threading.Condition(self._lock)  # workers' control calls wait here
         self._local = threading.local()                # session of this connection
         self._connections: dict[str, int] = {}
         self._jobs: dict[int, _Job] = {}
         self._queue: list[tuple[int, int]] = []        # heap of (-priority, id); stale ids skipped
         self._queued = 0
+        self._delayed: list[tuple[float, int]] = []    # heap of (due, id): retries backing off
         self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
         self._workers: dict[str, _Worker] = {}
         self._clients: dict[str, _Client] = {}
@@ -168,7 +186,7 @@ class Broker:
             if job_id in worker.running:
                 job.deaths += 1
                 worker.lost += 1
-                if job.deaths >= MAX_DEATHS:
+                if job.deaths >= _max_deaths(job):
                     self._finish(job, Status.LOST, {
                         "pid": worker.pid, "host": worker.host, "exitcode": None,
                         "signal": None, "reason": f"worker {worker.id} was lost"})
@@ -181,19 +199,44 @@ class Broker:
     # -- the queue --------------------------------------------------------
 
     def _push(self, job: _Job) -> None:
-        heapq.heappush(self._queue, (0, job.task.id))
+        heapq.heappush(self._queue, (-job.options.priority, job.task.id))
+        job.queued = True
         self._queued += 1
+
+    def _unqueue(self, job: _Job) -> None:
+        """Take a job out of the queue's count; its heap entry goes stale."""
+        if job.queued:
+            job.queued = False
+            self._queued -= 1
 
     def _requeue(self, job: _Job) -> None:
         job.worker = None
         self._push(job)
 
+    def _retry_later(self, job: _Job, worker: _Worker | None) -> None:
+        """Back off exponentially, with jitter, before the next attempt."""
+        if worker is not None:
+            worker.retried += 1
+        job.worker = None
+        delay = min(self.settings.retry_delay_cap, job.options.retry_delay * 2 ** (job.attempts - 1))
+        heapq.heappush(self._delayed, (time.monotonic() + delay * random.uniform(0.5, 1.5), job.task.id))
+
+    def _promote_due(self) -> float | None:
+        """Queue the delayed jobs now due; return when the next one will be."""
+        now = time.monotonic()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, job_id = heapq.heappop(self._delayed)
+            job = self._jobs.get(job_id)
+            if job is not None and job.worker is None and not job.queued:
+                self._push(job)
+        return self._delayed[0][0] if self._delayed else None
+
     def _pop(self) -> _Job | None:
         while self._queue:
             _, job_id = heapq.heappop(self._queue)
             job = self._jobs.get(job_id)
-            if job is not None and job.worker is None:
-                self._queued -= 1
+            if job is not None and job.queued:
+                self._unqueue(job)
                 return job
         return None
 
@@ -207,9 +250,11 @@ class Broker:
             closed = self.shutdown_event.is_set()
             for sub in submissions:
                 self._functions[sub.fn][1] += 1
-                job = _Job(Task(next(self._ids), sub.fn, sub.payload, sub.chunked), session, sub.seq)
-                self._jobs[job.task.id] = job
-                client.jobs.add(job.task.id)
+                opts = sub.options
+                task = Task(next(self._ids), sub.fn, sub.payload, sub.chunked, opts.timeout, opts.retry_on, 0)
+                job = _Job(task, opts, session, sub.seq)
+                self._jobs[task.id] = job
+                client.jobs[sub.seq] = task.id
                 if closed:
                     self._finish(job, Status.SHUTDOWN, b"")
                 else:
@@ -228,14 +273,16 @@ class Broker:
             while True:
                 if self.shutdown_event.is_set():
                     return None
+                due = self._promote_due()
                 if self._queued:
                     break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                now = time.monotonic()
+                if now >= deadline:
                     return [], {}
-                self._work.wait(remaining)
+                self._work.wait(min(deadline, due or deadline) - now)
                 if session not in self._workers:
                     raise LookupError(f"worker {session} is not registered")
+            worker = self._workers[session]
             tasks, functions = [], {}
             while len(tasks) < max_jobs:
                 job = self._pop()
@@ -244,7 +291,7 @@ class Broker:
                 job.worker = session
                 job.attempts += 1
                 worker.held.add(job.task.id)
-                tasks.append(job.task)
+                tasks.append(job.task._replace(attempt=job.attempts))
                 if job.task.fn not in functions:
                     functions[job.task.fn] = self._functions[job.task.fn][0]
             return tasks, functions
@@ -264,16 +311,10 @@ class Broker:
                 holder = self._workers.get(job.worker) if job.worker else None
                 if holder is not None:
                     holder.held.discard(job.task.id)
-                if job.worker is None:
-                    self._queued -= 1   # was re-queued meanwhile; its heap entry goes stale
-                if outcome.status is Status.LOST:
-                    job.deaths += 1
-                    if worker is not None:
-                        worker.lost += 1
-                    if job.deaths < MAX_DEATHS:
-                        self._requeue(job)
-                        self._work.notify()
-                        continue
+                self._unqueue(job)      # in case it was re-queued meanwhile
+                job.worker = None
+                if self._again(job, outcome, worker):
+                    continue
                 if worker is not None:
                     if outcome.status is Status.OK:
                         worker.done += 1
@@ -281,19 +322,32 @@ class Broker:
                         worker.failed += 1
                 self._finish(job, outcome.status, outcome.payload)
 
-    def release(self, session: str, job_ids: list[int]) -> None:
-        """A worker gives back jobs it fetched but never started."""
-        with self._lock:
-            self._bind(session)
-            worker = self._workers.get(session)
-            for job_id in job_ids:
-                job = self._jobs.get(job_id)
-                if job is not None and job.worker == session:
-                    if worker is not None:
-                        worker.held.discard(job_id)
-                    job.attempts -= 1
-                    self._requeue(job)
-            self._work.notify_all()
+    def _again(self, job: _Job, outcome: Outcome, worker: _Worker | None) -> bool:
+        """Decide whether a failed attempt is tried again; if so, arrange it."""
+        status, opts = outcome.status, job.options
+        if status is Status.LOST:
+            job.deaths += 1
+            if worker is not None:
+                worker.lost += 1
+            if outcome.retryable and job.deaths < _max_deaths(job):
+                if worker is not None:
+                    worker.retried += 1
+                self._requeue(job)
+                self._work.notify()
+                return True
+        elif status is Status.TIMEOUT:
+            if worker is not None:
+                worker.timed_out += 1
+            if opts.retry_timeouts and job.attempts <= opts.retries:
+                self._retry_later(job, worker)
+                return True
+        elif status is Status.ERROR:
+            if outcome.retryable and job.attempts <= opts.retries:
+                self._retry_later(job, worker)
+                return True
+        elif status is Status.CANCELLED:
+            return True     # already gone from the client's view; nothing to deliver
+        return False
 
     def _seen(self, session: str) -> _Worker:
         worker = self._workers.get(session)
@@ -311,11 +365,7 @@ class Broker:
 
     def _finish(self, job: _Job, status: Status, payload) -> None:
         """The job is over: hand its result to its client (if still there)."""
-        del self._jobs[job.task.id]
-        entry = self._functions[job.task.fn]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self._functions[job.task.fn]
+        self._forget(job)
         if status is Status.OK:
             self._done += 1
         else:
@@ -323,7 +373,6 @@ class Broker:
         client = self._clients.get(job.client)
         if client is None:
             return      # its client is gone: nobody to tell
-        client.jobs.discard(job.task.id)
         client.results.append((next(client.numbers), Delivery(job.seq, status, payload, job.attempts)))
         client.ready.notify()
 
@@ -363,16 +412,64 @@ class Broker:
 
     def _drop_client(self, session: str) -> None:
         client = self._clients.pop(session)
-        for job_id in client.jobs:
-            job = self._jobs[job_id]
-            if job.worker is None:      # still queued: nobody will want it
-                self._queued -= 1
-                del self._jobs[job_id]
-                entry = self._functions[job.task.fn]
-                entry[1] -= 1
-                if entry[1] == 0:
-                    del self._functions[job.task.fn]
+        for job_id in client.jobs.values():
+            self._withdraw(self._jobs[job_id], force=False)
         # Jobs running now finish; _finish() discards their results.
+
+    def _withdraw(self, job: _Job, force: bool) -> bool:
+        """Cancel a job that has not started (or, with ``force``, one that has)."""
+        worker = self._workers.get(job.worker) if job.worker else None
+        if worker is not None:
+            if job.task.id in worker.running and not force:
+                return False
+            worker.held.discard(job.task.id)
+            worker.withdraw.append(job.task.id)     # dropped, or its child killed
+            self._control.notify_all()
+        self._unqueue(job)
+        self._forget(job)
+        return True
+
+    def _forget(self, job: _Job) -> None:
+        del self._jobs[job.task.id]
+        entry = self._functions[job.task.fn]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._functions[job.task.fn]
+        client = self._clients.get(job.client)
+        if client is not None:
+            client.jobs.pop(job.seq, None)
+
+    def cancel(self, session: str, seqs: list[int], force: bool) -> list[bool]:
+        """Withdraw this client's jobs: True for each one that will not complete.
+
+        A job not yet started is always withdrawn; a running one only with
+        ``force`` (its child is killed). A finished one cannot be.
+        """
+        with self._lock:
+            self._bind(session)
+            client = self._client(session)
+            done = []
+            for seq in seqs:
+                job_id = client.jobs.get(seq)
+                done.append(job_id is not None and self._withdraw(self._jobs[job_id], force))
+            return done
+
+    def control(self, session: str, wait: float) -> list[int] | None:
+        """A worker's control channel: blocks until there are jobs it must drop
+        (or kill), or the cluster shuts down (None), or ``wait`` runs out."""
+        with self._lock:
+            deadline = time.monotonic() + min(wait, self.settings.wait_slice)
+            while True:
+                if self.shutdown_event.is_set():
+                    return None
+                worker = self._workers.get(session)
+                if worker is not None and worker.withdraw:
+                    ids, worker.withdraw = worker.withdraw, []
+                    return ids
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._control.wait(remaining)
 
     # -- upkeep -----------------------------------------------------------
 
@@ -394,10 +491,12 @@ class Broker:
                     self._drop_client(session)
             if not self.shutdown_event.is_set():
                 return False
-            self._work.notify_all()     # fetchers see the event and stop
+            self._work.notify_all()     # fetchers and control calls see the event
+            self._control.notify_all()
             if self._workers:
                 return False
-            while (job := self._pop()) is not None:
+            for job in [j for j in self._jobs.values() if j.worker is None]:
+                self._unqueue(job)
                 self._finish(job, Status.SHUTDOWN, b"")
             if self._jobs:
                 return False
@@ -409,15 +508,19 @@ class Broker:
     def status(self, session: str | None = None) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""
         with self._lock:
+            self._promote_due()
+            backing_off = sum(1 for _, i in self._delayed
+                              if (job := self._jobs.get(i)) is not None and job.worker is None)
             workers = [{
                 "id": w.id, "host": w.host, "pid": w.pid, "procs": w.procs,
                 "running": len(w.running), "queued": len(w.held - w.running),
                 "done": w.done, "failed": w.failed, "lost": w.lost,
+                "timed_out": w.timed_out, "retried": w.retried,
                 "last_seen": w.last_seen,
             } for w in self._workers.values()]
             return {
                 "workers": workers,
-                "queued": self._queued + sum(w["queued"] for w in workers),
+                "queued": self._queued + backing_off + sum(w["queued"] for w in workers),
                 "running": sum(w["running"] for w in workers),
                 "done": self._done,
                 "failed": self._failed,

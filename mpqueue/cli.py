@@ -92,8 +92,14 @@ def broker(host: str, port: int, lifeline: bool) -> None:
 @click.argument("address", required=False)
 @click.option("--procs", type=click.IntRange(min=1), default=None,
               help="Processes running jobs [default: the number of usable cores].")
+@click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
+              help="Replace a child process after it has run this many jobs (leaky code).")
+@click.option("--max-memory-per-child", type=click.IntRange(min=1), default=None, metavar="MB",
+              help="Replace a child whose memory (RSS) is over MB after a job; kill one that grows "
+                   "past it while running, failing that job with WorkerLost.")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Stop (cold) when stdin closes.")
-def worker(address: str | None, procs: int | None, lifeline: bool) -> None:
+def worker(address: str | None, procs: int | None, max_tasks_per_child: int | None,
+           max_memory_per_child: int | None, lifeline: bool) -> None:
     """Run jobs from the broker at ADDRESS in a pool of processes.
 
     Stops on `mpqueue shutdown`, or on SIGTERM/Ctrl-C: the first is a warm stop
@@ -106,7 +112,9 @@ def worker(address: str | None, procs: int | None, lifeline: bool) -> None:
     sys.path.insert(0, os.getcwd())
     if procs is None:
         procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    w = Worker(parse_address(address), resolve_authkey(), procs)
+    w = Worker(parse_address(address), resolve_authkey(), procs,
+               max_tasks_per_child=max_tasks_per_child,
+               max_memory_per_child=max_memory_per_child and max_memory_per_child << 20)
     if lifeline:
         _watch_lifeline(lambda: w.stop(cold=True))
     try:
@@ -133,7 +141,8 @@ def status(address: str | None, as_json: bool) -> None:
     click.echo(f"broker {format_address(addr)}: {info['queued']} queued, {info['running']} running, "
                f"{info['done']} done, {info['failed']} failed; {info['clients']} client(s)"
                + ("; shutting down" if info["shutting_down"] else ""))
-    columns = ("id", "host", "pid", "procs", "running", "queued", "done", "failed", "lost", "last_seen")
+    columns = ("id", "host", "pid", "procs", "running", "queued", "done", "failed", "timed_out",
+               "retried", "lost", "last_seen")
     rows = [[str(w[c]) for c in columns[:-1]] + [f"{max(0.0, time.time() - w['last_seen']):.1f}s ago"]
             for w in info["workers"]]
     if not rows:

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import __version__
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
-from .errors import BrokerUnavailable, ClusterShutdown, MpqueueError, WorkerLost
-from .protocol import Delivery, Status, Submission, digest, dumps, loads, unpack_exception
+from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
+from .protocol import Delivery, Options, Status, Submission, digest, dumps, loads, unpack_exception
 from .transport import connect
 
 log = logging.getLogger("mpqueue.client")
@@ -44,6 +44,8 @@ log = logging.getLogger("mpqueue.client")
 #: How many jobs `Client.map` keeps in flight ahead of the consumer, when
 #: ``max_pending`` does not say.
 MAP_WINDOW = 1024
+
+_UNSET: Any = object()
 
 
 class _FunctionCache:
@@ -80,7 +82,102 @@ def _pickle(what: str, obj: Any) -> bytes:
         raise pickle.PicklingError(f"cannot send the job's {what} to the cluster: {e}") from e
 
 
-class Client(concurrent.futures.Executor):
+def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSET,
+             retry_delay: float = _UNSET, retry_on=_UNSET, priority: int = _UNSET) -> Options:
+    """``base`` with the given per-job options changed, checked."""
+    changes: dict[str, Any] = {}
+    if timeout is not _UNSET:
+        if timeout is not None and not timeout > 0:
+            raise ValueError("timeout must be a positive number of seconds, or None")
+        changes["timeout"] = timeout
+    if retries is not _UNSET:
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries must be a whole number >= 0")
+        changes["retries"] = retries
+    if retry_delay is not _UNSET:
+        if not retry_delay >= 0:
+            raise ValueError("retry_delay must be >= 0 seconds")
+        changes["retry_delay"] = float(retry_delay)
+    if retry_on is not _UNSET:
+        if retry_on is None:
+            changes.update(retry_on=None, retry_timeouts=True)
+        else:
+            types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+                raise TypeError("retry_on takes an exception class or a tuple of them")
+            changes.update(retry_on=_pickle("retry_on", types),
+                           retry_timeouts=issubclass(JobTimeout, types))
+    if priority is not _UNSET:
+        if not isinstance(priority, int):
+            raise TypeError("priority must be an int")
+        changes["priority"] = priority
+    return base._replace(**changes)
+
+
+class JobFuture(concurrent.futures.Future):
+    """A `concurrent.futures.Future` whose `cancel` withdraws the job from the cluster."""
+
+    def __init__(self, client: "Client", seq: int):
+        super().__init__()
+        self._client = client
+        self._seq = seq
+
+    def cancel(self) -> bool:
+        """Withdraw the job if it has not started running: True if it will not run."""
+        if self.done():
+            return self.cancelled()
+        return self._client._withdraw([self], force=False)[0]
+
+
+class _Submitter:
+    """`submit`, `map` and `options`: shared by `Client` and its option views."""
+
+    _client: "Client"
+    _defaults: Options
+
+    def options(self, **options: Any) -> "_Submitter":
+        """A view of the client whose jobs get these options (``timeout``,
+        ``retries``, ``retry_delay``, ``retry_on``, ``priority``); nothing is
+        taken from the keywords of your function."""
+        view = _Submitter()
+        view._client, view._defaults = self._client, _options(self._defaults, **options)
+        return view
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args, **kwargs)`` on the cluster."""
+        payload = _pickle("arguments", (args, kwargs))
+        return self._client._submit(fn, payload, False, self._defaults)
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:
+        """Like `Executor.map`: results in order, lazily.
+
+        The input is read ahead only as far as ``max_pending`` (or a window of
+        1024 jobs) allows, so an endless generator works. With ``chunksize``
+        > 1, each job applies ``fn`` to that many items.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be at least 1")
+        client, options = self._client, self._defaults
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = zip(*iterables)
+        if chunksize == 1:
+            def submit_next():
+                for args in items:
+                    return client._submit(fn, _pickle("arguments", (args, {})), False, options)
+        else:
+            def submit_next():
+                chunk = list(itertools.islice(items, chunksize))
+                if chunk:
+                    return client._submit(fn, _pickle("arguments", chunk), True, options)
+        window = client._max_pending or MAP_WINDOW
+        futures: deque = deque()
+        while len(futures) < window and (f := submit_next()) is not None:
+            futures.append(f)
+        return client._map_results(futures, submit_next, deadline, chunksize > 1)
+
+
+class Client(_Submitter, concurrent.futures.Executor):
     """Submit jobs to an mpqueue cluster and get `concurrent.futures.Future` back.
 
     ``address`` is ``"HOST:PORT"``; None means ``$MPQUEUE_ADDRESS`` or, if that
@@ -88,13 +185,16 @@ class Client(concurrent.futures.Executor):
     core) that lives as long as this client. ``authkey`` defaults to
     ``$MPQUEUE_AUTHKEY``, then to the key file the broker wrote on this host.
     ``max_pending`` bounds how many of this client's jobs are queued or running
-    at once: `submit` blocks for a free slot.
+    at once: `submit` blocks for a free slot. The other keywords are default
+    job options, as for `options`.
     """
 
     def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
-                 max_pending: int | None = None):
+                 max_pending: int | None = None, **options: Any):
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1")
+        self._client = self
+        self._defaults = _options(Options(), **options)
         self._cluster = None
         address = address or os.environ.get("MPQUEUE_ADDRESS")
         if address is None:
@@ -107,8 +207,9 @@ class Client(concurrent.futures.Executor):
         self._slots = threading.BoundedSemaphore(max_pending) if max_pending else None
         self._functions = _FunctionCache()
         self._lock = threading.Condition()
-        self._futures: dict[int, concurrent.futures.Future] = {}
+        self._futures: dict[int, JobFuture] = {}
         self._outbox: list[tuple[Submission, bytes]] = []
+        self._sending = False
         self._seq = itertools.count(1)
         self._closed = False
         self._failure: BaseException | None = None
@@ -133,25 +234,19 @@ class Client(concurrent.futures.Executor):
 
     # -- submitting -----------------------------------------------------------
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args, **kwargs)`` on the cluster."""
-        payload = _pickle("arguments", (args, kwargs))
-        return self._submit(fn, payload, False)
-
-    def _submit(self, fn: Callable, payload: bytes, chunked: bool) -> concurrent.futures.Future:
+    def _submit(self, fn: Callable, payload: bytes, chunked: bool, options: Options) -> JobFuture:
         key, blob = self._functions.get(fn)
         self._check_open()
         if self._slots is not None:
             self._slots.acquire()
-        future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed or self._failure is not None:
                 if self._slots is not None:
                     self._slots.release()
                 self._check_open()
             seq = next(self._seq)
-            self._futures[seq] = future
-            self._outbox.append((Submission(seq, key, payload, chunked), blob))
+            future = self._futures[seq] = JobFuture(self, seq)
+            self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
             self._lock.notify_all()
         if self._slots is not None:
             future.add_done_callback(lambda f: self._slots.release())
@@ -163,35 +258,7 @@ class Client(concurrent.futures.Executor):
         if self._closed:
             raise RuntimeError("cannot submit to a Client after shutdown")
 
-    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator:
-        """Like `Executor.map`: results in order, lazily.
-
-        The input is read ahead only as far as ``max_pending`` (or a window of
-        1024 jobs) allows, so an endless generator works. With ``chunksize``
-        > 1, each job applies ``fn`` to that many items.
-        """
-        if chunksize < 1:
-            raise ValueError("chunksize must be at least 1")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        items = zip(*iterables)
-        if chunksize == 1:
-            def submit_next():
-                for args in items:
-                    return self._submit(fn, _pickle("arguments", (args, {})), False)
-        else:
-            def submit_next():
-                chunk = list(itertools.islice(items, chunksize))
-                if chunk:
-                    return self._submit(fn, _pickle("arguments", chunk), True)
-        window = self._max_pending or MAP_WINDOW
-        futures: deque = deque()
-        while len(futures) < window and (f := submit_next()) is not None:
-            futures.append(f)
-        return self._map_results(futures, submit_next, deadline, chunksize > 1)
-
-    @staticmethod
-    def _map_results(futures: deque, submit_next, deadline, chunked: bool) -> Iterator:
+    def _map_results(self, futures: deque, submit_next, deadline, chunked: bool) -> Iterator:
         try:
             while futures:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -204,24 +271,58 @@ class Client(concurrent.futures.Executor):
                 else:
                     yield value
         finally:
-            for f in futures:
-                f.cancel()
+            if futures and self._failure is None:
+                self._withdraw(list(futures), force=False)
+
+    # -- cancelling -------------------------------------------------------------
+
+    def cancel(self, future: concurrent.futures.Future, force: bool = False) -> bool:
+        """Cancel a job. Without ``force``, as `Future.cancel`: only one not yet
+        running. With ``force``, a running job's process is killed too (its
+        worker replaces it) and the future ends cancelled."""
+        if future.done():
+            return future.cancelled()
+        return self._withdraw([future], force)[0]
+
+    def _withdraw(self, futures: list[JobFuture], force: bool) -> list[bool]:
+        """Cancel jobs at the broker (or in the outbox, not yet sent), in one call."""
+        with self._lock:
+            while self._sending:        # a batch in flight: let the broker have it first
+                self._lock.wait()
+            unsent = {sub.seq for sub, _ in self._outbox}
+            self._outbox = [(sub, blob) for sub, blob in self._outbox
+                            if sub.seq not in {f._seq for f in futures}]
+        sent = [f for f in futures if f._seq not in unsent and not f.done()]
+        verdicts = dict(zip((f._seq for f in sent),
+                            self._broker.cancel(self.session, [f._seq for f in sent], force) if sent else []))
+        results = []
+        for future in futures:
+            withdrawn = future._seq in unsent or verdicts.get(future._seq, False)
+            if withdrawn:
+                with self._lock:
+                    self._futures.pop(future._seq, None)
+                    self._lock.notify_all()
+                concurrent.futures.Future.cancel(future)
+            results.append(withdrawn or future.cancelled())
+        return results
 
     # -- closing ----------------------------------------------------------------
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Close this client (not the cluster; a private local cluster stops with it).
 
-        With ``cancel_futures``, jobs not yet finished are cancelled; the broker
-        drops the queued ones when the client leaves.
+        With ``cancel_futures``, jobs not yet running are withdrawn and their
+        futures cancelled; running ones finish.
         """
         with self._lock:
             self._closed = True
-            if cancel_futures:
-                for future in self._futures.values():
-                    future.cancel()
-                self._futures.clear()
             self._lock.notify_all()
+            pending = list(self._futures.values())
+        if cancel_futures and pending and self._failure is None:
+            try:
+                self._withdraw(pending, force=False)
+            except BrokerUnavailable:
+                pass    # the collector fails them
         if wait:
             self._collector.join()
 
@@ -235,12 +336,17 @@ class Client(concurrent.futures.Executor):
                 if not self._outbox or self._failure is not None:
                     return
                 batch, self._outbox = self._outbox, []
+                self._sending = True
             functions = {sub.fn: blob for sub, blob in batch}
             try:
                 self._broker.submit(self.session, [sub for sub, _ in batch], functions)
             except BrokerUnavailable as e:
                 self._fail(e)
                 return
+            finally:
+                with self._lock:
+                    self._sending = False
+                    self._lock.notify_all()
 
     def _collect_loop(self) -> None:
         ack = acked = 0
@@ -318,6 +424,12 @@ def _failure(delivery: Delivery) -> BaseException:
             f"after {delivery.attempts} attempt(s)",
             pid=info["pid"], exitcode=info.get("exitcode"), signal=info.get("signal"),
             attempts=delivery.attempts, host=info["host"])
+    if delivery.status is Status.TIMEOUT:
+        info = delivery.payload
+        return JobTimeout(
+            f"the job ran past its timeout of {info['timeout']:g} s; killed pid {info['pid']} on "
+            f"{info['host']} (attempt {delivery.attempts})",
+            timeout=info["timeout"], attempts=delivery.attempts, pid=info["pid"], host=info["host"])
     if delivery.status is Status.SHUTDOWN:
         return ClusterShutdown("the cluster shut down before this job could run")
     return MpqueueError(f"unknown job status {delivery.status!r}")

@@ -42,6 +42,8 @@ class Settings:
     drain_timeout: float = 30.0
     #: Warm stop of a child: time to exit after being asked, before SIGKILL.
     child_grace: float = 2.0
+    #: Longest backoff between two attempts of a job that raised or timed out.
+    retry_delay_cap: float = 30.0
     #: A worker prefetches about this much work per proc (by its measured job
     #: time): one job when jobs are long, many when they are tiny.
     prefetch_seconds: float = 0.02

@@ -30,6 +30,21 @@ class ClusterShutdown(MpqueueError):
     """The cluster shut down before the job could run."""
 
 
+class JobTimeout(MpqueueError, TimeoutError):
+    """A job ran past its ``timeout`` on its last allowed attempt; the worker killed it."""
+
+    def __init__(self, message: str, *, timeout: float | None = None, attempts: int = 0,
+                 pid: int | None = None, host: str | None = None):
+        super().__init__(message)
+        self.timeout = timeout
+        self.attempts = attempts
+        self.pid = pid
+        self.host = host
+
+    def __reduce__(self):
+        return _rebuild, (JobTimeout, str(self), self.__dict__)
+
+
 class WorkerLost(MpqueueError):
     """The process running a job died (segfault, ``os._exit``, OOM kill) on its last attempt."""
 
@@ -43,11 +58,11 @@ class WorkerLost(MpqueueError):
         self.host = host
 
     def __reduce__(self):
-        return _rebuild_worker_lost, (str(self), self.__dict__)
+        return _rebuild, (WorkerLost, str(self), self.__dict__)
 
 
-def _rebuild_worker_lost(message, state):
-    return WorkerLost(message, **state)
+def _rebuild(cls, message, state):
+    return cls(message, **state)
 
 
 class RemoteError(MpqueueError):

@@ -30,11 +30,15 @@ import time
 from collections import OrderedDict
 from multiprocessing.connection import wait
 
+import psutil
+
 from .config import SETTINGS
 from .protocol import Outcome, Status, Task, dumps, loads, pack_exception
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
+#: How often the memory of children running jobs is measured, with a limit set.
+MEMORY_CHECK = 0.25
 
 
 class Child:
@@ -49,20 +53,46 @@ class Child:
         self.pid = self.process.pid
         self.task: Task | None = None
         self.started = 0.0
+        self.jobs = 0                       # jobs finished in this child
+        self.ending: Outcome | None = None  # what to report when it dies: we killed it
+        self.kill_at: float | None = None   # SIGKILL if still alive then
 
     def run(self, task: Task, function: bytes) -> None:
         self.conn.send((task, function))
         self.task = task
         self.started = time.monotonic()
 
+    def deadline(self) -> float | None:
+        if self.ending is not None:
+            return self.kill_at
+        if self.task is not None and self.task.timeout is not None:
+            return self.started + self.task.timeout
+        return None
+
+    def end(self, outcome: Outcome) -> None:
+        """Kill it for a reason of ours (SIGTERM now, SIGKILL after a grace)."""
+        if self.ending is None:
+            self.ending = outcome
+            self.process.terminate()
+            self.kill_at = time.monotonic() + SETTINGS.child_grace
+
 
 class ProcessPool:
-    """``procs`` children, replaced as they die. Used from one thread only."""
+    """``procs`` children, replaced as they die. Used from one thread only.
 
-    def __init__(self, procs: int):
+    ``max_tasks`` recycles a child after that many jobs; ``max_memory`` (bytes
+    of RSS) recycles one found over it between jobs and kills one that grows
+    past it while running, failing that job.
+    """
+
+    def __init__(self, procs: int, max_tasks: int | None = None, max_memory: int | None = None):
         self._ctx = multiprocessing.get_context("forkserver")
         self._ctx.set_forkserver_preload(["mpqueue.pool"])
+        self.max_tasks = max_tasks
+        self.max_memory = max_memory
         self.children = [Child(self._ctx) for _ in range(procs)]
+        self._retiring: list[Child] = []    # asked to exit; reaped when they do
+        self._next_memory_check = 0.0
         #: Moving average of how long a job takes here, pipe round trip
         #: included; None until one has finished.
         self.job_seconds: float | None = None
@@ -73,42 +103,94 @@ class ProcessPool:
     def busy(self) -> list[Child]:
         return [c for c in self.children if c.task is not None]
 
-    def wait(self, timeout: float | None, wakeup: int) -> list[Outcome]:
-        """Wait for children to finish jobs or die, or for ``wakeup`` to be readable.
+    def withdraw(self, job_id: int) -> bool:
+        """Kill the child running ``job_id``, if one is; its outcome will say CANCELLED."""
+        for child in self.children:
+            if child.task is not None and child.task.id == job_id:
+                child.end(Outcome(job_id, Status.CANCELLED, b""))
+                return True
+        return False
 
-        Returns the outcomes of finished jobs, dead children's included.
-        """
-        by_conn = {c.conn: c for c in self.children}
-        by_sentinel = {c.process.sentinel: c for c in self.children}
+    def wait(self, timeout: float | None, wakeup: int) -> list[Outcome]:
+        """Wait for children to finish jobs or die, for a deadline, or for
+        ``wakeup`` to be readable. Returns the outcomes of finished jobs,
+        those of jobs whose child died or was killed included."""
+        now = time.monotonic()
+        deadlines = [d for c in self.children if (d := c.deadline()) is not None]
+        if self.max_memory and self.busy():
+            deadlines.append(self._next_memory_check)
+        if deadlines:
+            until = max(0.0, min(deadlines) - now)
+            timeout = until if timeout is None else min(timeout, until)
+        # A child being killed may still send a result; it no longer counts.
+        by_conn = {c.conn: c for c in self.children if c.ending is None}
+        by_sentinel = {c.process.sentinel: c for c in self.children + self._retiring}
         outcomes = []
         for ready in wait([*by_conn, *by_sentinel, wakeup], timeout):
             child = by_conn.get(ready)
             if child is not None:
                 try:
-                    job_id, status, payload = child.conn.recv()
+                    job_id, status, payload, retryable = child.conn.recv()
                 except (EOFError, OSError):
                     continue    # it died; its sentinel tells the rest
-                outcomes.append(Outcome(job_id, Status(status), payload))
-                child.task = None
-                took = time.monotonic() - child.started
-                self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
+                outcomes.append(Outcome(job_id, Status(status), payload, retryable))
+                self._finished(child)
             child = by_sentinel.get(ready)
             if child is not None:
-                outcomes.extend(self._replace(child))
+                outcomes.extend(self._reap(child))
+        self._enforce_deadlines()
         return outcomes
 
-    def _replace(self, child: Child) -> list[Outcome]:
+    def _finished(self, child: Child) -> None:
+        took = time.monotonic() - child.started
+        self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
+        child.task = None
+        child.jobs += 1
+        if (self.max_tasks and child.jobs >= self.max_tasks) or \
+                (self.max_memory and _rss(child) > self.max_memory):
+            try:
+                child.conn.send(None)
+            except OSError:
+                pass    # already dead: reaped all the same
+            self._retiring.append(child)
+            self.children[self.children.index(child)] = Child(self._ctx)
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        check_memory = self.max_memory and now >= self._next_memory_check
+        if check_memory:
+            self._next_memory_check = now + MEMORY_CHECK
+        for child in self.busy():
+            if child.kill_at is not None:
+                if now >= child.kill_at:
+                    child.process.kill()
+                    child.kill_at = None    # the sentinel follows
+            elif child.task.timeout is not None and now >= child.started + child.task.timeout:
+                child.end(Outcome(child.task.id, Status.TIMEOUT, {
+                    "pid": child.pid, "host": os.uname().nodename, "timeout": child.task.timeout,
+                    "attempt": child.task.attempt}, True))
+            elif check_memory and (rss := _rss(child)) > self.max_memory:
+                child.process.kill()
+                child.ending = Outcome(child.task.id, Status.LOST, {
+                    "pid": child.pid, "exitcode": -9, "signal": "SIGKILL", "host": os.uname().nodename,
+                    "reason": f"the process running the job grew to {rss >> 20} MiB, past the "
+                              f"worker's --max-memory-per-child of {self.max_memory >> 20} MiB"})
+
+    def _reap(self, child: Child) -> list[Outcome]:
         child.process.join()
-        task = child.task
-        lost = []
-        if task is not None:
-            lost.append(Outcome(task.id, Status.LOST, {
-                "pid": child.pid, "exitcode": child.process.exitcode,
-                "signal": signal_name(child.process.exitcode), "host": os.uname().nodename,
-                "reason": "the process running the job died"}))
         child.conn.close()
+        if child in self._retiring:
+            self._retiring.remove(child)
+            return []
         self.children[self.children.index(child)] = Child(self._ctx)
-        return lost
+        if child.task is None:
+            return []
+        if child.ending is not None:
+            return [child.ending]
+        return [Outcome(child.task.id, Status.LOST, {
+            "pid": child.pid, "exitcode": child.process.exitcode,
+            "signal": signal_name(child.process.exitcode), "host": os.uname().nodename,
+            "reason": "the process running the job died"}, True)]
 
     def kill_busy(self) -> None:
         """Cold stop: kill the children running jobs, without replacing them."""
@@ -122,10 +204,11 @@ class ProcessPool:
                 child.conn.send(None)
             except OSError:
                 pass
+        everyone = self.children + self._retiring
         deadline = time.monotonic() + SETTINGS.child_grace
-        for child in self.children:
+        for child in everyone:
             child.process.join(max(0.0, deadline - time.monotonic()))
-        for child in self.children:
+        for child in everyone:
             if child.process.is_alive():
                 child.process.terminate()
                 child.process.join(SETTINGS.child_grace)
@@ -133,6 +216,13 @@ class ProcessPool:
                 child.process.kill()
                 child.process.join()
             child.conn.close()
+
+
+def _rss(child: Child) -> int:
+    try:
+        return psutil.Process(child.pid).memory_info().rss
+    except psutil.NoSuchProcess:
+        return 0
 
 
 def signal_name(exitcode: int | None) -> str | None:
@@ -175,11 +265,11 @@ def _child_main(conn) -> None:
         if message is None:
             return
         task, blob = message
-        status, payload = _execute(task, blob, functions)
-        conn.send((task.id, int(status), payload))
+        status, payload, retryable = _execute(task, blob, functions)
+        conn.send((task.id, int(status), payload, retryable))
 
 
-def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, bytes]:
+def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, bytes, bool]:
     try:
         fn = functions.get(task.fn)
         if fn is None:
@@ -195,13 +285,22 @@ def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, b
         else:
             result = fn(*args[0], **args[1])
     except BaseException as exc:
-        return Status.ERROR, pack_exception(exc)
+        return Status.ERROR, pack_exception(exc, task.attempt), _retryable(exc, task.retry_on)
     try:
-        return Status.OK, dumps(result)
+        return Status.OK, dumps(result), False
     except BaseException as exc:
         err = pickle.PicklingError(f"cannot pickle the result of the job: {exc}")
         err.__cause__ = exc
-        return Status.ERROR, pack_exception(err)
+        return Status.ERROR, pack_exception(err, task.attempt), False
+
+
+def _retryable(exc: BaseException, retry_on: bytes | None) -> bool:
+    if retry_on is None:
+        return True
+    try:
+        return isinstance(exc, loads(retry_on))
+    except Exception:
+        return False
 
 
 def _load_function(blob: bytes):

@@ -30,10 +30,22 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 class Status(enum.IntEnum):
-    OK = 0        #: payload: the pickled return value
-    ERROR = 1     #: payload: `pack_exception` of what the function raised
-    LOST = 2      #: payload: dict(pid, exitcode, signal, host) of the process that died
-    SHUTDOWN = 3  #: payload: empty; the cluster shut down before the job ran
+    OK = 0         #: payload: the pickled return value
+    ERROR = 1      #: payload: `pack_exception` of what the function raised
+    LOST = 2       #: payload: dict(pid, exitcode, signal, host, reason) of the process that died
+    SHUTDOWN = 3   #: payload: empty; the cluster shut down before the job ran
+    TIMEOUT = 4    #: payload: dict(pid, host, timeout); the worker killed the attempt
+    CANCELLED = 5  #: payload: empty; withdrawn (never delivered: the client knows)
+
+
+class Options(NamedTuple):
+    """Per-job options, as plain values the broker and worker can read."""
+    timeout: float | None = None    # seconds per attempt, once running
+    retries: int = 0                # re-runs after an exception or a timeout
+    retry_delay: float = 0.1        # first backoff; doubles per attempt, with jitter
+    priority: int = 0               # higher runs first
+    retry_on: bytes | None = None   # pickled tuple of exception types; None: all
+    retry_timeouts: bool = True     # whether a timeout counts as retryable
 
 
 class Submission(NamedTuple):
@@ -42,6 +54,7 @@ class Submission(NamedTuple):
     fn: bytes         # digest of the pickled function (sent alongside, once per batch)
     payload: bytes    # pickled (args, kwargs), or a pickled list of argument tuples
     chunked: bool     # payload is a chunk: call fn(*a) for each a, return the list
+    options: Options
 
 
 class Task(NamedTuple):
@@ -50,13 +63,17 @@ class Task(NamedTuple):
     fn: bytes
     payload: bytes
     chunked: bool
+    timeout: float | None
+    retry_on: bytes | None
+    attempt: int      # 1 for the first run
 
 
 class Outcome(NamedTuple):
     """How one attempt at a task ended, as the worker reports it."""
     id: int
     status: Status
-    payload: Any      # bytes for OK and ERROR, a dict for LOST
+    payload: Any      # bytes for OK and ERROR, a dict for LOST and TIMEOUT
+    retryable: bool = False   # ERROR: it matched retry_on; LOST: another attempt may help
 
 
 class Delivery(NamedTuple):
@@ -82,7 +99,7 @@ def where() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
-def pack_exception(exc: BaseException) -> bytes:
+def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
     """Pickle what a job raised, keeping its text even if the object won't pickle."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
@@ -90,7 +107,8 @@ def pack_exception(exc: BaseException) -> bytes:
         blob = dumps(exc)
     except Exception:
         blob = None
-    return pickle.dumps((blob, type_name, str(exc), tb, where()), protocol=PROTOCOL)
+    return pickle.dumps((blob, type_name, str(exc), tb, f"{where()}, attempt {attempt}"),
+                        protocol=PROTOCOL)
 
 
 def unpack_exception(data: bytes) -> BaseException:

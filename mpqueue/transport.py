@@ -34,8 +34,8 @@ SERIALIZER = "mpqueue"
 BROKER_ID = "broker"
 EVENT_ID = "shutdown_event"
 
-BROKER_METHODS = ("register", "unregister", "fetch", "report", "release",
-                  "submit", "collect", "goodbye", "status")
+BROKER_METHODS = ("register", "unregister", "fetch", "report", "control",
+                  "submit", "cancel", "collect", "goodbye", "status")
 EVENT_METHODS = ("is_set", "set", "wait")
 
 

@@ -8,9 +8,10 @@
 
 Four threads, each blocking on its own thing: the fetch thread in the broker
 (it asks for at most as many jobs as the worker has room for: see `capacity`),
-the main
-thread on its children's pipes and sentinels, the report thread on its outbox,
-and a watch thread on the cluster's shutdown event, served by the broker.
+the main thread on its children's pipes, sentinels and deadlines, the report
+thread on its outbox, and the control thread in the broker until there are
+jobs to withdraw (cancelled: dropped if not started, their child killed if
+they were) or the cluster's shutdown event is set.
 
 Stopping: the first SIGTERM or Ctrl-C (or the cluster's shutdown) is a warm
 stop: no more fetching, running jobs finish and their results are delivered.
@@ -78,17 +79,21 @@ def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.br
 
 
 class Worker:
-    def __init__(self, address: tuple[str, int], authkey: bytes, procs: int):
+    def __init__(self, address: tuple[str, int], authkey: bytes, procs: int, *,
+                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None):
         self.address = address
         self.procs = procs
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child
         self.id = uuid.uuid4().hex[:12]
-        self.broker, self.shutdown_event = connect(address, authkey)
+        self.broker, _ = connect(address, authkey)
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
         self._in_hand = 0                   # fetched and not yet finished
         self._capacity = capacity(procs, None)
         self._outbox: list = []             # outcomes not yet reported
         self._running: list[int] = []       # ids of the jobs children run now
+        self._withdrawn: set[int] = set()   # cancelled at the broker: drop or kill
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
         self._failure: BrokerUnavailable | None = None
@@ -101,13 +106,13 @@ class Worker:
         reach_broker(self.address, self._register)
         log.info("worker %s serving %s with %d procs", self.id, format_address(self.address), self.procs)
         self._install_signals()
-        pool = ProcessPool(self.procs)
+        pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child)
         self._reporting = True
         reporter = threading.Thread(target=self._guard, args=(self._report_loop,), name="report")
         reporter.start()
         # These two may be blocked in the broker when we stop: they are not
         # waited for. What the fetcher leases late, unregister() gives back.
-        for loop in (self._fetch_loop, self._watch_loop):
+        for loop in (self._fetch_loop, self._control_loop):
             threading.Thread(target=self._guard, args=(loop,), name=loop.__name__, daemon=True).start()
         try:
             self._serve(pool)
@@ -139,6 +144,8 @@ class Worker:
                     self._inbox.clear()         # never started: unregister gives them back
                     if not pool.busy():
                         return
+                if self._withdrawn:
+                    self._withdraw(pool)
                 idle = pool.idle()
                 while idle and self._inbox:
                     task, blob = self._inbox.popleft()
@@ -195,12 +202,27 @@ class Worker:
                     self._in_hand += len(tasks)
                 self._wake()
 
-    def _watch_loop(self) -> None:
-        while not self._stop:
-            if self.shutdown_event.wait(SETTINGS.wait_slice):
+    def _withdraw(self, pool: ProcessPool) -> None:
+        """Drop cancelled jobs not started; kill the children running the others."""
+        kept = deque(item for item in self._inbox if item[0].id not in self._withdrawn)
+        self._in_hand -= len(self._inbox) - len(kept)
+        self._inbox = kept
+        for job_id in self._withdrawn:
+            pool.withdraw(job_id)
+        self._withdrawn.clear()
+        self._lock.notify_all()
+
+    def _control_loop(self) -> None:
+        while True:
+            withdrawn = self.broker.control(self.id, SETTINGS.wait_slice)
+            if withdrawn is None:
                 log.info("the cluster is shutting down: finishing running jobs")
                 self.stop()
                 return
+            if withdrawn:
+                with self._lock:
+                    self._withdrawn.update(withdrawn)
+                self._wake()
 
     def _report_loop(self) -> None:
         while True:
