@@ -4,4 +4,4 @@ import sys
 from mpqueue.cli import main
 
 if __name__ == "__main__":
-    main(["broker", *sys.argv[1:]])
+    main(["broker", *sys.argv[1:]], prog_name="mpqueue")

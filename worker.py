@@ -4,4 +4,4 @@ import sys
 from mpqueue.cli import main
 
 if __name__ == "__main__":
-    main(["worker", *sys.argv[1:]])
+    main(["worker", *sys.argv[1:]], prog_name="mpqueue")

@@ -2,20 +2,23 @@
 
 Run from the repository root::
 
-    python benchmarks/bench.py            # full run (about a minute on 2 cores)
+    python benchmarks/bench.py            # full run (under a minute on 2 idle cores)
     python benchmarks/bench.py --quick    # smaller and faster, for a smoke check
     python benchmarks/bench.py --json     # also dump every raw figure as JSON (stdout)
     python benchmarks/bench.py --json out.json   # ... or into a file
 
-Progress goes to stderr; the table (and JSON, if asked for) to stdout.
+Progress goes to stderr; the table (and JSON, if asked for) to stdout. The exit
+status is 1 if anything went wrong, including problems found in mpqueue (a
+process that crashed, hung or was left behind), which are listed on stderr.
 
 mpqueue runs as a real cluster: a broker subprocess (``mpqueue broker --port 0``)
-and one worker subprocess (``mpqueue worker HOST:PORT --procs 2``), both with a
-fresh random ``MPQUEUE_AUTHKEY``, and this process connects with
-``mpqueue.Client("HOST:PORT", authkey=...)``. Nothing is timed before the
-worker is registered and both of its children have run a warm-up job. The
-baseline is one ``multiprocessing.Pool(2)`` (the platform's default start
-method), warmed up the same way. Each workload runs on both, alternating which
+and one worker subprocess (``mpqueue worker HOST:PORT --procs 2``), both run as
+``python -m mpqueue`` with this interpreter (from the repository root, that is
+the working tree's package) and with a fresh random ``MPQUEUE_AUTHKEY``; this
+process connects with ``mpqueue.Client("HOST:PORT", authkey=...)``. Nothing is
+timed before the worker is registered and both of its children have run a
+warm-up job. The baseline is one ``multiprocessing.Pool(2)`` (the platform's
+default start method), warmed up the same way. Each workload runs on both, alternating which
 goes first, ``--reps`` times; the table shows the median over repetitions.
 
 Workloads:
@@ -59,6 +62,7 @@ import multiprocessing
 import os
 import platform
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -67,6 +71,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 
 import mpqueue
 
@@ -79,6 +84,10 @@ FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w2_trips=300, w3_jobs=32, w3_ms
             w4_jobs=100, w4_bytes=1 << 20)
 QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
              w4_jobs=20, w4_bytes=1 << 20)
+
+#: Set when a call had to be abandoned (it still runs in a daemon thread): the
+#: interpreter's exit would then wait for it (Client registers an atexit shutdown).
+HUNG = False
 
 #: Generous bounds: a workload that takes longer than this is reported as a hang.
 WORKLOAD_TIMEOUT = 120.0
@@ -203,6 +212,8 @@ def run_with_timeout(fn, timeout: float, what: str):
     t.start()
     t.join(timeout)
     if t.is_alive():
+        global HUNG
+        HUNG = True
         raise BenchError(f"{what} did not return within {timeout:.0f} s")
     if "error" in box:
         raise box["error"]
@@ -224,6 +235,7 @@ class Cluster:
         self.address: str | None = None
         self.problems: list[str] = []
         self._logs = []
+        self._drain: threading.Thread | None = None
 
     def _log(self, name: str):
         f = open(os.path.join(self.logdir, name + ".log"), "wb")
@@ -243,7 +255,8 @@ class Cluster:
         def drain(stream=self.broker.stdout, sink=blog):    # nothing expected; never block it
             for chunk in iter(lambda: stream.read1(4096), b""):
                 sink.write(chunk)
-        threading.Thread(target=drain, daemon=True, name="broker-stdout").start()
+        self._drain = threading.Thread(target=drain, daemon=True, name="broker-stdout")
+        self._drain.start()
         wlog = self._log("worker")
         self.worker = subprocess.Popen(MPQUEUE + ["worker", self.address, "--procs", str(PROCS)],
                                        env=self.env, stdin=subprocess.DEVNULL, stdout=wlog,
@@ -278,8 +291,12 @@ class Cluster:
             return ""
         return f"--- last lines of the {name} log ---\n" + "\n".join(text)
 
-    def stop(self) -> None:
-        """`mpqueue shutdown HOST:PORT`, then wait / terminate / kill each process."""
+    def stop(self, interrupted: bool = False) -> None:
+        """`mpqueue shutdown HOST:PORT`, then wait / terminate / kill each process.
+
+        ``interrupted``: after Ctrl-C, which the cluster (same process group) also got,
+        a non-zero exit is expected.
+        """
         try:
             if self.address and self.broker and self.broker.poll() is None:
                 t0 = time.perf_counter()
@@ -299,9 +316,15 @@ class Cluster:
                 stop_process(self.worker, "worker", 15.0, self.problems)
             if self.broker is not None:
                 stop_process(self.broker, "broker", 15.0, self.problems)
-                self.broker.stdout.close()
+                if self._drain is not None:
+                    self._drain.join(5)     # EOF now that the broker is gone
+                if not (self._drain and self._drain.is_alive()):
+                    self.broker.stdout.close()
             for f in self._logs:
                 f.close()
+            for name, p in (("worker", self.worker), ("broker", self.broker)):
+                if p is not None and p.returncode not in (None, 0) and not interrupted:
+                    self.problems.append(f"cluster {name} (pid {p.pid}) exited with {p.returncode}")
             if self.worker is not None or self.broker is not None:
                 log(f"cluster processes exited {time.perf_counter() - t0:.2f} s after the shutdown "
                     f"request (worker rc {self.worker and self.worker.returncode}, "
@@ -322,7 +345,7 @@ class MpqueueRunner:
         submit = self.client.submit
         start = time.perf_counter()
         futures = [submit(fn, *args) for args in args_list]
-        done, not_done = concurrent.futures.wait(futures, timeout)
+        _, not_done = concurrent.futures.wait(futures, timeout)
         wall = time.perf_counter() - start
         if not_done:
             raise BenchError(f"mpqueue: {len(not_done)} of {len(futures)} jobs still unfinished "
@@ -405,15 +428,27 @@ def cold_mpqueue(problems: list[str]) -> dict:
     finally:
         # Same as leaving the `with` block (Executor.__exit__ -> shutdown(wait=True)), but
         # bounded so that a hang is reported, not waited out.
-        run_with_timeout(lambda: client.shutdown(wait=True), 60, "Client().shutdown()")
+        try:
+            run_with_timeout(lambda: client.shutdown(wait=True), 60, "Client().shutdown()")
+        except BenchError:
+            cluster = getattr(client, "_cluster", None)
+            if cluster is not None:
+                cluster.stop()      # the local cluster's own ask / terminate / kill ladder
+            raise
     total = time.perf_counter() - t0
     if value != 1:
         raise BenchError("cold start: abs(-1) != 1")
-    left = [p.pid for p in processes if p.poll() is None]
-    if left:
-        problems.append(f"cold start: local cluster processes {left} still running after "
-                        "Client.shutdown() returned")
-    return {"first_result_s": first, "total_s": total}
+    exits = {}
+    for p in processes:     # the LocalCluster's broker and worker (a private attribute)
+        role = next((a for a in p.args if a in ("broker", "worker")), str(p.pid))
+        exits[role] = p.poll()
+        if p.returncode is None:
+            problems.append(f"cold start: local cluster {role} (pid {p.pid}) still running after "
+                            "Client.shutdown() returned")
+        elif p.returncode != 0:
+            how = f" ({signal.Signals(-p.returncode).name})" if p.returncode < 0 else ""
+            problems.append(f"cold start: local cluster {role} exited with {p.returncode}{how}")
+    return {"first_result_s": first, "total_s": total, "exit_codes": exits}
 
 
 def cold_pool() -> dict:
@@ -476,6 +511,20 @@ def format_table(rows: list[tuple]) -> str:
     return "\n".join(out)
 
 
+def mpqueue_source() -> str:
+    """Where the mpqueue under test comes from: its directory, and git commit if any."""
+    where = os.path.dirname(os.path.dirname(os.path.abspath(mpqueue.__file__)))
+    try:
+        def git(*a):
+            return subprocess.run(["git", "-C", where, *a], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "mpqueue")
+        return f"{where} @ {commit}" + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return where
+
+
 # -- main ---------------------------------------------------------------------------------
 
 def main() -> int:
@@ -489,8 +538,15 @@ def main() -> int:
     if args.reps:
         p["reps"] = p["cold_reps"] = args.reps
 
-    # Our own Ctrl-C-like exit on SIGTERM, so that the finally blocks run.
+    # Our own Ctrl-C-like exit on SIGTERM, so that the finally blocks run. Pool's forked
+    # children inherit the handler: in them, SIGTERM (Pool.terminate) keeps its default.
+    main_pid = os.getpid()
+
     def on_term(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
 
@@ -500,7 +556,8 @@ def main() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     raw: dict = {"mpqueue": {}, "Pool": {}, "problems": [], "machine": {
         "python": sys.version.split()[0], "platform": platform.platform(), "cores": cores,
-        "mpqueue_version": mpqueue.__version__, "pool_start_method": multiprocessing.get_start_method(),
+        "mpqueue_version": mpqueue.__version__, "mpqueue_source": mpqueue_source(),
+        "pool_start_method": multiprocessing.get_start_method(),
         "loadavg_start": os.getloadavg()}}
     problems: list[str] = raw["problems"]
 
@@ -534,7 +591,8 @@ def main() -> int:
         cluster = Cluster(logdir)
         cluster.start()
         info = cluster.wait_for_worker()
-        log(f"worker registered: {info['workers']}")
+        log("worker registered: " + ", ".join(f"{w['id']} pid {w['pid']} procs {w['procs']}"
+                                              for w in info["workers"]))
         client = mpqueue.Client(cluster.address, authkey=cluster.authkey)
         pids = set(run_with_timeout(
             lambda: [f.result(60) for f in [client.submit(warmup_job, 0.2) for _ in range(2 * PROCS)]],
@@ -570,7 +628,7 @@ def main() -> int:
             except BaseException as e:      # noqa: BLE001 - keep cleaning up
                 problems.append(f"client shutdown: {type(e).__name__}: {e}")
         if cluster is not None:
-            cluster.stop()
+            cluster.stop(interrupted=failed)
             problems.extend(cluster.problems)
         if pool is not None:
             if failed:
@@ -592,8 +650,8 @@ def main() -> int:
     raw["elapsed_s"] = time.perf_counter() - started
     p.pop("blob", None)
     raw["params"] = p
-    for problem in problems:
-        log(f"PROBLEM: {problem}")
+    for problem, count in Counter(problems).items():
+        log(f"PROBLEM: {problem}" + (f" (x{count})" if count > 1 else ""))
     if failed:
         log(f"logs kept in {logdir}")
         return 1
@@ -602,11 +660,15 @@ def main() -> int:
           f"[{raw['machine']['pool_start_method']}], Python {raw['machine']['python']}, "
           f"{cores} cores, {'quick' if args.quick else 'full'} run, median of {p['reps']} rep(s) "
           f"(cold start: {p['cold_reps']})")
+    print(f"mpqueue under test: {raw['machine']['mpqueue_source']}")
     print(format_table(build_rows(raw)))
     print("ratio = mpqueue / Pool; 'better' = the direction that is good for the metric "
           "(lower: ratio > 1 means mpqueue is slower; higher: ratio < 1 means it is).")
     la, lb = raw["machine"]["loadavg_start"], raw["machine"]["loadavg_end"]
-    print(f"W3 job: burn({p['burn_n']:,}) ~ {per_job:.0f} ms CPU; load average {la[0]:.2f} -> {lb[0]:.2f}; "
+    on = {s: median([r["job_cpu_ms_median"] for r in raw[s]["W3"]]) for s in ("mpqueue", "Pool")}
+    print(f"W3 job: burn({p['burn_n']:,}) = {per_job:.0f} ms CPU when calibrated alone; median per job "
+          f"during W3: {on['mpqueue']:.0f} ms (mpqueue), {on['Pool']:.0f} ms (Pool).")
+    print(f"Load average {la[0]:.2f} -> {lb[0]:.2f}; "
           f"{raw['elapsed_s']:.0f} s in all" + (f"; {len(problems)} problem(s), see stderr" if problems else ""))
     if args.json:
         text = json.dumps(raw, indent=1)
@@ -616,10 +678,14 @@ def main() -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
             log(f"raw figures written to {args.json}")
-    import shutil
     shutil.rmtree(logdir, ignore_errors=True)
     return 1 if problems else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if HUNG:    # everything we started is already stopped; do not wait on the stuck call
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 1)
+    sys.exit(code)

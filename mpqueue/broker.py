@@ -349,6 +349,20 @@ class Broker:
             return True     # already gone from the client's view; nothing to deliver
         return False
 
+    def release(self, session: str, job_ids: list[int]) -> None:
+        """A stopping worker gives back jobs it fetched but never started."""
+        with self._lock:
+            self._bind(session)
+            worker = self._workers.get(session)
+            for job_id in job_ids:
+                job = self._jobs.get(job_id)
+                if job is not None and job.worker == session:
+                    if worker is not None:
+                        worker.held.discard(job_id)
+                    job.attempts -= 1
+                    self._requeue(job)
+            self._work.notify_all()
+
     def _seen(self, session: str) -> _Worker:
         worker = self._workers.get(session)
         if worker is None:
@@ -536,15 +550,14 @@ def serve(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[st
     The manager server runs in this process (its threads serve connections);
     this thread waits on the cluster's shutdown event and does the upkeep.
     """
-    broker = Broker(settings)
-    server = BrokerServer(broker, address, authkey)
-    server.start()
-    on_ready(server.address)
-
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
+    broker = Broker(settings)
+    server = BrokerServer(broker, address, authkey)
+    server.start()
     try:
+        on_ready(server.address)
         while not broker.tick():
             if broker.shutdown_event.is_set():
                 time.sleep(0.1)     # draining: a few ticks, then we exit

@@ -43,14 +43,17 @@ def main() -> None:
     file a broker writes on its host (~/.config/mpqueue/authkey). Anyone with
     the key can run code on the workers: keep it secret.
     """
-    logging.basicConfig(level=os.environ.get("MPQUEUE_LOG_LEVEL", "INFO").upper(),
+    level = os.environ.get("MPQUEUE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
                         format="%(name)s: %(message)s", stream=sys.stderr)
 
 
 def _watch_lifeline(on_eof) -> None:
     """Call ``on_eof`` when stdin closes: the process that started us is gone."""
     def watch():
-        while sys.stdin.buffer.read(4096):
+        # os.read, not sys.stdin: a daemon thread blocked in a buffered read
+        # aborts the interpreter at exit.
+        while os.read(0, 4096):
             pass
         on_eof()
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
@@ -79,8 +82,8 @@ def broker(host: str, port: int, lifeline: bool) -> None:
         _watch_lifeline(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     def ready(address):
+        logging.getLogger("mpqueue.broker").info("authkey %s", source)
         click.echo(f"mpqueue broker {__version__} listening on {format_address(address)}")
-        click.echo(f"authkey {source}", err=True)
 
     try:
         serve((host, port), authkey, ready)

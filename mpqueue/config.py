@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -40,10 +41,14 @@ class Settings:
     #: After ``mpqueue shutdown``, the broker waits at most this long for
     #: connected clients to collect their last results.
     drain_timeout: float = 30.0
-    #: Warm stop of a child: time to exit after being asked, before SIGKILL.
+    #: A child we kill gets SIGTERM, then SIGKILL this long after (and one
+    #: asked to exit at a worker's stop gets this long before SIGTERM).
     child_grace: float = 2.0
     #: Longest backoff between two attempts of a job that raised or timed out.
     retry_delay_cap: float = 30.0
+    #: With --max-memory-per-child, how often a worker measures the children
+    #: running jobs (between jobs it measures every time).
+    memory_check: float = 0.25
     #: A worker prefetches about this much work per proc (by its measured job
     #: time): one job when jobs are long, many when they are tiny.
     prefetch_seconds: float = 0.02
@@ -53,9 +58,13 @@ class Settings:
         """Defaults, overridden by ``MPQUEUE_<FIELD>`` environment variables."""
         changes = {}
         for field in dataclasses.fields(cls):
-            value = os.environ.get("MPQUEUE_" + field.name.upper())
+            name = "MPQUEUE_" + field.name.upper()
+            value = os.environ.get(name)
             if value is not None:
-                changes[field.name] = float(value)
+                try:
+                    changes[field.name] = float(value)
+                except ValueError:
+                    sys.stderr.write(f"mpqueue: ignoring {name}={value!r}: not a number\n")
         return cls(**changes)
 
 

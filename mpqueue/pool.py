@@ -37,8 +37,6 @@ from .protocol import Outcome, Status, Task, dumps, loads, pack_exception
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
-#: How often the memory of children running jobs is measured, with a limit set.
-MEMORY_CHECK = 0.25
 
 
 class Child:
@@ -159,7 +157,7 @@ class ProcessPool:
         now = time.monotonic()
         check_memory = self.max_memory and now >= self._next_memory_check
         if check_memory:
-            self._next_memory_check = now + MEMORY_CHECK
+            self._next_memory_check = now + SETTINGS.memory_check
         for child in self.busy():
             if child.kill_at is not None:
                 if now >= child.kill_at:
@@ -237,17 +235,25 @@ def signal_name(exitcode: int | None) -> str | None:
 
 # -- inside the child ---------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Have the kernel kill this child when its parent, the forkserver, exits.
+def _die_with_worker() -> None:
+    """Have the kernel kill this child when the worker is gone, even by ``kill -9``.
 
-    The forkserver exits when the worker does, even on ``kill -9``; without
-    this a child in the middle of a long job would outlive them both.
+    The forkserver (our parent) exits once every holder of its "alive" pipe
+    has; it hands each child a copy, which would keep it, and so us, running
+    after the worker died. We close ours, so the forkserver exits with the
+    worker, and ask for SIGKILL when our parent exits.
     """
+    from multiprocessing import forkserver
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
     if sys.platform.startswith("linux"):
         import ctypes
         PR_SET_PDEATHSIG = 1
+        parent = os.getppid()
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:   # the parent was already gone
+        if os.getppid() != parent:      # it was already gone
             os._exit(1)
 
 
@@ -255,18 +261,21 @@ def _child_main(conn) -> None:
     # Ctrl-C in the worker's terminal reaches the whole process group; the
     # worker decides what happens to the jobs, not the signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_worker()
     functions: OrderedDict[bytes, object] = OrderedDict()
     while True:
         try:
             message = conn.recv()
-        except EOFError:
-            return
+        except (EOFError, OSError):
+            return      # the worker is gone
         if message is None:
             return
         task, blob = message
         status, payload, retryable = _execute(task, blob, functions)
-        conn.send((task.id, int(status), payload, retryable))
+        try:
+            conn.send((task.id, int(status), payload, retryable))
+        except OSError:
+            return
 
 
 def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, bytes, bool]:

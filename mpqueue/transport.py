@@ -34,7 +34,7 @@ SERIALIZER = "mpqueue"
 BROKER_ID = "broker"
 EVENT_ID = "shutdown_event"
 
-BROKER_METHODS = ("register", "unregister", "fetch", "report", "control",
+BROKER_METHODS = ("register", "unregister", "fetch", "report", "release", "control",
                   "submit", "cancel", "collect", "goodbye", "status")
 EVENT_METHODS = ("is_set", "set", "wait")
 

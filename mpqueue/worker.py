@@ -96,6 +96,7 @@ class Worker:
         self._withdrawn: set[int] = set()   # cancelled at the broker: drop or kill
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
+        self._heartbeat = SETTINGS.heartbeat_interval
         self._failure: BrokerUnavailable | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -140,9 +141,10 @@ class Worker:
                 stop = self._stop
                 if stop >= 2:
                     return                      # run() kills the busy children
+                unstarted = [task.id for task, _ in self._inbox] if stop else []
                 if stop:
-                    self._inbox.clear()         # never started: unregister gives them back
-                    if not pool.busy():
+                    self._inbox.clear()
+                    if not pool.busy() and not unstarted:
                         return
                 if self._withdrawn:
                     self._withdraw(pool)
@@ -152,6 +154,9 @@ class Worker:
                     idle.pop().run(task, blob)
                 self._running = [c.task.id for c in pool.busy()]
                 self._capacity = capacity(self.procs, pool.job_seconds)
+            if unstarted:       # other workers can run them while ours finish
+                self.broker.release(self.id, unstarted)
+                continue
             outcomes = pool.wait(None, self._wake_r)
             self._drain_wakeups()
             if outcomes:
@@ -173,9 +178,10 @@ class Worker:
             self._wake()
 
     def _register(self) -> None:
-        self.broker.register(self.id, "worker", {
+        reply = self.broker.register(self.id, "worker", {
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
             "version": __version__})
+        self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
 
     def _fetch_loop(self) -> None:
         while True:
@@ -228,7 +234,7 @@ class Worker:
         while True:
             with self._lock:
                 if not self._outbox and self._reporting:
-                    self._lock.wait(SETTINGS.heartbeat_interval)
+                    self._lock.wait(self._heartbeat)
                 outcomes, self._outbox = self._outbox, []
                 running = self._running
                 last = not self._reporting and not outcomes
