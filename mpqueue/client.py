@@ -117,10 +117,11 @@ def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
 class JobFuture(concurrent.futures.Future):
     """A `concurrent.futures.Future` whose `cancel` withdraws the job from the cluster."""
 
-    def __init__(self, client: "Client", seq: int):
+    def __init__(self, client: "Client", seq: int, fn: Callable):
         super().__init__()
         self._client = client
         self._seq = seq
+        self._fn = fn       # to name its source in a remote traceback
 
     def cancel(self) -> bool:
         """Withdraw the job if it has not started running: True if it will not run."""
@@ -245,7 +246,7 @@ class Client(_Submitter, concurrent.futures.Executor):
                     self._slots.release()
                 self._check_open()
             seq = next(self._seq)
-            future = self._futures[seq] = JobFuture(self, seq)
+            future = self._futures[seq] = JobFuture(self, seq, fn)
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
             self._lock.notify_all()
         if self._slots is not None:
@@ -380,7 +381,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             if delivery.status is Status.OK:
                 future.set_result(loads(delivery.payload))
             else:
-                future.set_exception(_failure(delivery))
+                future.set_exception(_failure(delivery, future._fn))
         except concurrent.futures.InvalidStateError:
             pass    # cancelled meanwhile
         except Exception as e:      # the result would not unpickle here
@@ -413,9 +414,9 @@ class Client(_Submitter, concurrent.futures.Executor):
             self._cluster.stop()
 
 
-def _failure(delivery: Delivery) -> BaseException:
+def _failure(delivery: Delivery, fn: Callable) -> BaseException:
     if delivery.status is Status.ERROR:
-        return unpack_exception(delivery.payload)
+        return unpack_exception(delivery.payload, _source_finder(fn))
     if delivery.status is Status.LOST:
         info = delivery.payload
         how = f"killed by {info['signal']}" if info.get("signal") else f"exit code {info.get('exitcode')}"
@@ -433,6 +434,18 @@ def _failure(delivery: Delivery) -> BaseException:
     if delivery.status is Status.SHUTDOWN:
         return ClusterShutdown("the cluster shut down before this job could run")
     return MpqueueError(f"unknown job status {delivery.status!r}")
+
+
+def _source_finder(fn: Callable) -> Callable[[str], str | None]:
+    """Which file a function named in a remote traceback came from: one of the
+    job function's globals by that name, else the job function's own file."""
+    code = getattr(fn, "__code__", None)
+    namespace = getattr(fn, "__globals__", {})
+
+    def find_file(name: str) -> str | None:
+        found = getattr(namespace.get(name), "__code__", None) or code
+        return found.co_filename if found is not None else None
+    return find_file
 
 
 def _shutdown_at_exit(method: weakref.WeakMethod) -> None:

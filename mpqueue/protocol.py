@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import linecache
 import os
 import pickle
+import re
 import socket
 import traceback
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import cloudpickle
 
@@ -111,7 +113,28 @@ def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
                         protocol=PROTOCOL)
 
 
-def unpack_exception(data: bytes) -> BaseException:
+_DYNAMIC_FRAME = re.compile(r'^(  File )"<dynamic-code>", line (\d+), in (.+)$', re.MULTILINE)
+
+
+def restore_sources(tb: str, find_file: Callable[[str], str | None]) -> str:
+    """Put file names and source lines back into a remote traceback.
+
+    cloudpickle (3.1 and later) names all code it sends by value
+    ``<dynamic-code>``, so the worker cannot show the lines of a lambda or of
+    a function from ``__main__``. ``find_file`` maps a frame's function name to
+    the file it came from; the lines are read here, where that file is.
+    """
+    def restore(match: re.Match) -> str:
+        filename = find_file(match.group(3))
+        if filename is None:
+            return match.group(0)
+        line = linecache.getline(filename, int(match.group(2))).strip()
+        frame = f'{match.group(1)}"{filename}", line {match.group(2)}, in {match.group(3)}'
+        return f"{frame}\n    {line}" if line else frame
+    return _DYNAMIC_FRAME.sub(restore, tb)
+
+
+def unpack_exception(data: bytes, find_file: Callable[[str], str | None] | None = None) -> BaseException:
     """The job's exception, with the remote traceback chained as ``__cause__``.
 
     Falls back to `RemoteError` when the exception could not be pickled on the
@@ -119,6 +142,8 @@ def unpack_exception(data: bytes) -> BaseException:
     that does not accept its own ``args``).
     """
     blob, type_name, message, tb, host = pickle.loads(data)
+    if find_file is not None:
+        tb = restore_sources(tb, find_file)
     exc = None
     if blob is not None:
         try:
