@@ -9,8 +9,10 @@
               └─ delayed ◀─────────┘  raised or timed out with retries left (backoff)
 
 The queue is a heap: higher priority first, then submission order. Cancelling
-removes a queued job at once; one a worker holds is withdrawn through the
-worker's control call (dropped if not started, its child killed if it was).
+removes a queued job at once. For one a worker holds, only the worker knows
+whether it has started: the broker asks it through the worker's control call
+and waits for the answer (dropped if not started; if started, its child is
+killed only when forced).
 
 Dispatch is a lease, never a bare ``Queue.get()``: the broker records which
 worker holds which job, a job is done only when its result arrives, and the
@@ -70,7 +72,7 @@ class _Worker:
     procs: int
     held: set = dataclasses.field(default_factory=set)      # job ids leased to it
     running: set = dataclasses.field(default_factory=set)   # as of its last report
-    withdraw: list = dataclasses.field(default_factory=list)   # job ids to drop or kill
+    withdraw: list = dataclasses.field(default_factory=list)   # (job id, force) to ask it
     done: int = 0
     failed: int = 0
     lost: int = 0
@@ -105,6 +107,9 @@ class Broker:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # fetchers wait here
         self._control = threading.Condition(self._lock)  # workers' control calls wait here
+        self._answered = threading.Condition(self._lock)  # cancels wait here for workers' answers
+        self._answers: dict[int, bool] = {}             # job id -> withdrawn? (awaited ones only)
+        self._awaited: set[int] = set()
         self._local = threading.local()                # session of this connection
         self._connections: dict[str, int] = {}
         self._jobs: dict[int, _Job] = {}
@@ -179,6 +184,7 @@ class Broker:
     def _lose_worker(self, worker: _Worker) -> None:
         """Take back every job a worker held. Jobs it was running count a death."""
         del self._workers[worker.id]
+        self._answered.notify_all()     # cancels waiting on its answers look again
         for job_id in worker.held:
             job = self._jobs.get(job_id)
             if job is None or job.worker != worker.id:
@@ -218,8 +224,11 @@ class Broker:
         if worker is not None:
             worker.retried += 1
         job.worker = None
-        delay = min(self.settings.retry_delay_cap, job.options.retry_delay * 2 ** (job.attempts - 1))
-        heapq.heappush(self._delayed, (time.monotonic() + delay * random.uniform(0.5, 1.5), job.task.id))
+        tries = job.attempts - job.deaths
+        delay = job.options.retry_delay * 2 ** (tries - 1) * random.uniform(0.5, 1.5)
+        heapq.heappush(self._delayed, (time.monotonic() + min(self.settings.retry_delay_cap, delay),
+                                       job.task.id))
+        self._work.notify_all()     # waiting fetchers must wake when it is due
 
     def _promote_due(self) -> float | None:
         """Queue the delayed jobs now due; return when the next one will be."""
@@ -283,6 +292,9 @@ class Broker:
                 if session not in self._workers:
                     raise LookupError(f"worker {session} is not registered")
             worker = self._workers[session]
+            # No more than its share of the queue: a worker whose last jobs were
+            # short asks for many, and must not take a burst of long ones alone.
+            max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
             tasks, functions = [], {}
             while len(tasks) < max_jobs:
                 job = self._pop()
@@ -338,11 +350,11 @@ class Broker:
         elif status is Status.TIMEOUT:
             if worker is not None:
                 worker.timed_out += 1
-            if opts.retry_timeouts and job.attempts <= opts.retries:
+            if opts.retry_timeouts and job.attempts - job.deaths <= opts.retries:
                 self._retry_later(job, worker)
                 return True
         elif status is Status.ERROR:
-            if outcome.retryable and job.attempts <= opts.retries:
+            if outcome.retryable and job.attempts - job.deaths <= opts.retries:
                 self._retry_later(job, worker)
                 return True
         elif status is Status.CANCELLED:
@@ -426,22 +438,21 @@ class Broker:
 
     def _drop_client(self, session: str) -> None:
         client = self._clients.pop(session)
-        for job_id in client.jobs.values():
-            self._withdraw(self._jobs[job_id], force=False)
-        # Jobs running now finish; _finish() discards their results.
+        for job_id in list(client.jobs.values()):
+            self._withdraw(self._jobs[job_id])
 
-    def _withdraw(self, job: _Job, force: bool) -> bool:
-        """Cancel a job that has not started (or, with ``force``, one that has)."""
+    def _withdraw(self, job: _Job) -> None:
+        """Drop a job its client no longer wants; if a worker holds it, ask it
+        to drop the job too unless it has started (the answer is not awaited)."""
         worker = self._workers.get(job.worker) if job.worker else None
         if worker is not None:
-            if job.task.id in worker.running and not force:
-                return False
+            if job.task.id in worker.running:
+                return      # it finishes; _finish() finds no client
             worker.held.discard(job.task.id)
-            worker.withdraw.append(job.task.id)     # dropped, or its child killed
+            worker.withdraw.append((job.task.id, False))
             self._control.notify_all()
         self._unqueue(job)
         self._forget(job)
-        return True
 
     def _forget(self, job: _Job) -> None:
         del self._jobs[job.task.id]
@@ -462,24 +473,72 @@ class Broker:
         with self._lock:
             self._bind(session)
             client = self._client(session)
-            done = []
+            verdicts: dict[int, bool] = {}
+            asked: dict[int, int] = {}      # job id -> seq, for jobs workers hold
             for seq in seqs:
-                job_id = client.jobs.get(seq)
-                done.append(job_id is not None and self._withdraw(self._jobs[job_id], force))
-            return done
+                job = self._jobs.get(client.jobs.get(seq, 0))
+                worker = self._workers.get(job.worker) if job is not None and job.worker else None
+                if job is None:
+                    verdicts[seq] = False
+                elif worker is None:
+                    self._unqueue(job)
+                    self._forget(job)
+                    verdicts[seq] = True
+                elif job.task.id in worker.running and not force:
+                    verdicts[seq] = False
+                else:
+                    worker.withdraw.append((job.task.id, force))
+                    asked[job.task.id] = seq
+            if asked:
+                self._control.notify_all()
+                verdicts.update(self._await_answers(asked))
+            return [verdicts[seq] for seq in seqs]
 
-    def control(self, session: str, wait: float) -> list[int] | None:
-        """A worker's control channel: blocks until there are jobs it must drop
-        (or kill), or the cluster shuts down (None), or ``wait`` runs out."""
+    def _await_answers(self, asked: dict[int, int]) -> dict[int, bool]:
+        """Wait (a bounded time) for workers to say whether they withdrew these jobs."""
+        self._awaited.update(asked)
+        deadline = time.monotonic() + self.settings.connect_timeout
+        try:
+            while True:
+                pending = [i for i in asked if i not in self._answers and
+                           (job := self._jobs.get(i)) is not None and job.worker in self._workers]
+                remaining = deadline - time.monotonic()
+                if not pending or remaining <= 0:
+                    break
+                self._answered.wait(remaining)
+        finally:
+            self._awaited.difference_update(asked)
+        verdicts = {}
+        for job_id, seq in asked.items():
+            withdrawn = self._answers.pop(job_id, None)
+            job = self._jobs.get(job_id)
+            if job is not None and (withdrawn or (withdrawn is None and job.worker is None)):
+                holder = self._workers.get(job.worker) if job.worker else None
+                if holder is not None:
+                    holder.held.discard(job_id)
+                self._unqueue(job)
+                self._forget(job)
+                verdicts[seq] = True
+            else:
+                verdicts[seq] = False
+        return verdicts
+
+    def control(self, session: str, wait: float, answers: dict[int, bool]) -> list | None:
+        """A worker's control channel. It brings its answers to earlier
+        withdraw requests, then blocks until there are new ones, a list of
+        ``(job id, force)``, or the cluster shuts down (None), or ``wait`` ends."""
         with self._lock:
+            if answers:
+                self._answers.update((i, a) for i, a in answers.items() if i in self._awaited)
+                self._answered.notify_all()
             deadline = time.monotonic() + min(wait, self.settings.wait_slice)
             while True:
                 if self.shutdown_event.is_set():
                     return None
                 worker = self._workers.get(session)
                 if worker is not None and worker.withdraw:
-                    ids, worker.withdraw = worker.withdraw, []
-                    return ids
+                    requests, worker.withdraw = worker.withdraw, []
+                    return requests
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []

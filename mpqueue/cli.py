@@ -97,9 +97,9 @@ def broker(host: str, port: int, lifeline: bool) -> None:
               help="Processes running jobs [default: the number of usable cores].")
 @click.option("--max-tasks-per-child", type=click.IntRange(min=1), default=None,
               help="Replace a child process after it has run this many jobs (leaky code).")
-@click.option("--max-memory-per-child", type=click.IntRange(min=1), default=None, metavar="MB",
-              help="Replace a child whose memory (RSS) is over MB after a job; kill one that grows "
-                   "past it while running, failing that job with WorkerLost.")
+@click.option("--max-memory-per-child", type=click.IntRange(min=1), default=None, metavar="MIB",
+              help="Replace a child whose memory (RSS) is over MIB mebibytes after a job; kill one "
+                   "that grows past it while running, failing that job with WorkerLost.")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Stop (cold) when stdin closes.")
 def worker(address: str | None, procs: int | None, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, lifeline: bool) -> None:

@@ -91,7 +91,7 @@ def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
             raise ValueError("timeout must be a positive number of seconds, or None")
         changes["timeout"] = timeout
     if retries is not _UNSET:
-        if not isinstance(retries, int) or retries < 0:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError("retries must be a whole number >= 0")
         changes["retries"] = retries
     if retry_delay is not _UNSET:
@@ -108,7 +108,7 @@ def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
             changes.update(retry_on=_pickle("retry_on", types),
                            retry_timeouts=issubclass(JobTimeout, types))
     if priority is not _UNSET:
-        if not isinstance(priority, int):
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError("priority must be an int")
         changes["priority"] = priority
     return base._replace(**changes)
@@ -281,6 +281,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         """Cancel a job. Without ``force``, as `Future.cancel`: only one not yet
         running. With ``force``, a running job's process is killed too (its
         worker replaces it) and the future ends cancelled."""
+        if getattr(future, "_client", None) is not self:
+            raise ValueError("that future is not one of this client's jobs")
         if future.done():
             return future.cancelled()
         return self._withdraw([future], force)[0]
@@ -419,9 +421,14 @@ def _failure(delivery: Delivery, fn: Callable) -> BaseException:
         return unpack_exception(delivery.payload, _source_finder(fn))
     if delivery.status is Status.LOST:
         info = delivery.payload
-        how = f"killed by {info['signal']}" if info.get("signal") else f"exit code {info.get('exitcode')}"
+        if info.get("signal"):
+            how = f"killed by {info['signal']}, "
+        elif info.get("exitcode") is not None:
+            how = f"exit code {info['exitcode']}, "
+        else:
+            how = ""
         return WorkerLost(
-            f"{info['reason']} ({how}, pid {info['pid']} on {info['host']}) "
+            f"{info['reason']} ({how}pid {info['pid']} on {info['host']}) "
             f"after {delivery.attempts} attempt(s)",
             pid=info["pid"], exitcode=info.get("exitcode"), signal=info.get("signal"),
             attempts=delivery.attempts, host=info["host"])

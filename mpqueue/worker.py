@@ -93,7 +93,10 @@ class Worker:
         self._capacity = capacity(procs, None)
         self._outbox: list = []             # outcomes not yet reported
         self._running: list[int] = []       # ids of the jobs children run now
-        self._withdrawn: set[int] = set()   # cancelled at the broker: drop or kill
+        self._requests: list = []           # (job id, force): withdraw, from the broker
+        self._answers: dict[int, bool] = {}  # job id -> withdrawn?, for the broker
+        self._drop_on_arrival: set[int] = set()   # withdrawn while on their way to us
+        self._finished: deque = deque(maxlen=4096)  # ids of recently finished jobs
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
         self._heartbeat = SETTINGS.heartbeat_interval
@@ -146,7 +149,7 @@ class Worker:
                     self._inbox.clear()
                     if not pool.busy() and not unstarted:
                         return
-                if self._withdrawn:
+                if self._requests:
                     self._withdraw(pool)
                 idle = pool.idle()
                 while idle and self._inbox:
@@ -161,6 +164,7 @@ class Worker:
             self._drain_wakeups()
             if outcomes:
                 with self._lock:
+                    self._finished.extend(o.id for o in outcomes)
                     self._outbox.extend(outcomes)
                     self._in_hand -= len(outcomes)
                     self._lock.notify_all()
@@ -204,31 +208,50 @@ class Worker:
             tasks, functions = reply
             if tasks:
                 with self._lock:
-                    self._inbox.extend((t, functions[t.fn]) for t in tasks)
-                    self._in_hand += len(tasks)
+                    arrived = [t for t in tasks if t.id not in self._drop_on_arrival]
+                    self._drop_on_arrival.difference_update(t.id for t in tasks)
+                    self._inbox.extend((t, functions[t.fn]) for t in arrived)
+                    self._in_hand += len(arrived)
                 self._wake()
 
     def _withdraw(self, pool: ProcessPool) -> None:
-        """Drop cancelled jobs not started; kill the children running the others."""
-        kept = deque(item for item in self._inbox if item[0].id not in self._withdrawn)
-        self._in_hand -= len(self._inbox) - len(kept)
-        self._inbox = kept
-        for job_id in self._withdrawn:
-            pool.withdraw(job_id)
-        self._withdrawn.clear()
+        """Answer the broker's withdraw requests (with the lock held).
+
+        Not started: dropped (yes). Running: killed only if forced (yes), else
+        left alone (no). Finished: no. Not arrived yet: dropped on arrival (yes).
+        """
+        inbox = {task.id for task, _ in self._inbox}
+        for job_id, force in self._requests:
+            if job_id in inbox:
+                withdrawn = True
+            elif any(c.task.id == job_id for c in pool.busy()):
+                withdrawn = force and pool.withdraw(job_id)
+            elif job_id in self._finished:
+                withdrawn = False
+            else:
+                self._drop_on_arrival.add(job_id)
+                withdrawn = True
+            self._answers[job_id] = withdrawn
+        dropped = {i for i, _ in self._requests if i in inbox}
+        self._inbox = deque(item for item in self._inbox if item[0].id not in dropped)
+        self._in_hand -= len(dropped)
+        self._requests = []
         self._lock.notify_all()
 
     def _control_loop(self) -> None:
+        answers: dict[int, bool] = {}
         while True:
-            withdrawn = self.broker.control(self.id, SETTINGS.wait_slice)
-            if withdrawn is None:
+            requests = self.broker.control(self.id, SETTINGS.wait_slice, answers)
+            if requests is None:
                 log.info("the cluster is shutting down: finishing running jobs")
                 self.stop()
                 return
-            if withdrawn:
-                with self._lock:
-                    self._withdrawn.update(withdrawn)
+            with self._lock:
+                self._requests.extend(requests)
                 self._wake()
+                while any(job_id not in self._answers for job_id, _ in requests):
+                    self._lock.wait()
+                answers = {job_id: self._answers.pop(job_id) for job_id, _ in requests}
 
     def _report_loop(self) -> None:
         while True:

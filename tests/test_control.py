@@ -222,6 +222,29 @@ def test_cancel_a_prefetched_job_and_not_a_running_one(cluster):
     assert not ran.exists()
 
 
+def test_cancel_right_after_a_job_starts_leaves_it_running(cluster):
+    cluster.start_worker(1)
+    client = cluster.client()
+    for i in range(3):
+        started, go = cluster.tmp_path / f"started{i}", cluster.tmp_path / f"go{i}"
+        job = client.submit(lambda s, g: (mark(s), wait_for_file(g, "finished"))[1], started, go)
+        wait_for_file(started)      # before the worker has reported it running
+        assert not job.cancel()
+        go.touch()
+        assert job.result(10) == "finished"
+
+
+def test_retries_do_not_wait_for_an_idle_worker_to_look_again(cluster):
+    cluster.start_worker(1)
+    client = cluster.client()
+    time.sleep(0.3)     # the worker is now waiting in the broker for work
+    start = time.monotonic()
+    job = client.options(retries=3, retry_delay=0.01).submit(
+        fail_times, cluster.tmp_path / "count", 3, RuntimeError("flaky"), "ok")
+    assert job.result(20) == "ok"
+    assert time.monotonic() - start < 3     # not one wait_slice (2 s) per retry
+
+
 def test_force_cancel_kills_the_running_job(cluster):
     cluster.start_worker(1)
     client = cluster.client()
