@@ -2,8 +2,8 @@
 
 ::
 
-    worker main thread ──(Task, function bytes)──▶ child pipe ──▶ child: fn(*args)
-                       ◀──(id, Status, bytes)──────────────────────┘
+    worker main thread ──[Task…], {digest: function}──▶ child pipe ──▶ child: fn(*args)…
+                       ◀──[(id, Status, bytes, retryable)…]───────────────┘
                        ◀── process sentinel ready: the child died ──▶ replace it
 
 ``multiprocessing.Pool`` hangs forever when a child is killed, and
@@ -12,6 +12,10 @@ its own pipe and is watched through its process sentinel, so a dead child
 (segfault, ``os._exit``, SIGKILL, OOM kill) costs only the job it was running,
 which is reported as `Status.LOST` naming the signal, and a fresh child takes
 its place.
+
+Jobs of a function known to be short go to a child in batches, one pipe
+message each way per batch, so tiny jobs do not each pay a round trip. A job
+with a timeout always runs alone (its clock starts when it does).
 
 Children are started with the *forkserver* method, explicitly: they are forked
 from a small single-threaded server process rather than from the worker, which
@@ -37,10 +41,16 @@ from .protocol import Outcome, Status, Task, dumps, loads, pack_exception
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
+#: A child is given a batch of jobs of one function when that function is
+#: known to be short: about this much work per batch, at most MAX_BATCH jobs.
+BATCH_SECONDS = 0.005
+MAX_BATCH = 64
+
+Item = tuple[Task, bytes]   # a task and its pickled function
 
 
 class Child:
-    """One supervised child process and the job it is running, if any."""
+    """One supervised child process and the batch of jobs it is running, if any."""
 
     def __init__(self, ctx):
         self.conn, child_conn = ctx.Pipe()
@@ -49,22 +59,31 @@ class Child:
         self.process.start()
         child_conn.close()
         self.pid = self.process.pid
-        self.task: Task | None = None
+        self.batch: list[Item] = []
         self.started = 0.0
         self.jobs = 0                       # jobs finished in this child
         self.ending: Outcome | None = None  # what to report when it dies: we killed it
         self.kill_at: float | None = None   # SIGKILL if still alive then
 
-    def run(self, task: Task, function: bytes) -> None:
-        self.conn.send((task, function))
-        self.task = task
+    def run(self, batch: list[Item]) -> None:
+        self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}))
+        self.batch = batch
         self.started = time.monotonic()
+
+    @property
+    def task(self) -> Task | None:
+        """The job it runs, when it runs one alone (jobs with a timeout always are)."""
+        return self.batch[0][0] if len(self.batch) == 1 else None
+
+    def ids(self) -> list[int]:
+        return [task.id for task, _ in self.batch]
 
     def deadline(self) -> float | None:
         if self.ending is not None:
             return self.kill_at
-        if self.task is not None and self.task.timeout is not None:
-            return self.started + self.task.timeout
+        task = self.task
+        if task is not None and task.timeout is not None:
+            return self.started + task.timeout
         return None
 
     def end(self, outcome: Outcome) -> None:
@@ -91,28 +110,38 @@ class ProcessPool:
         self.children = [Child(self._ctx) for _ in range(procs)]
         self._retiring: list[Child] = []    # asked to exit; reaped when they do
         self._next_memory_check = 0.0
-        #: Moving average of how long a job takes here, pipe round trip
-        #: included; None until one has finished.
+        #: Moving averages of how long a job takes here (pipe round trip
+        #: included): over all jobs, and per function.
         self.job_seconds: float | None = None
+        self.fn_seconds: dict[bytes, float] = {}
 
     def idle(self) -> list[Child]:
-        return [c for c in self.children if c.task is None]
+        return [c for c in self.children if not c.batch]
 
     def busy(self) -> list[Child]:
-        return [c for c in self.children if c.task is not None]
+        return [c for c in self.children if c.batch]
+
+    def batch_size(self, task: Task, waiting: int) -> int:
+        """How many jobs like ``task`` to give one child at once (``waiting`` in all)."""
+        seconds = self.fn_seconds.get(task.fn)
+        if task.timeout is not None or seconds is None:
+            return 1
+        fair = -(-waiting // max(1, len(self.idle())))
+        return max(1, min(MAX_BATCH, fair, int(BATCH_SECONDS / max(seconds, 1e-6))))
 
     def withdraw(self, job_id: int) -> bool:
         """Kill the child running ``job_id``, if one is; its outcome will say CANCELLED."""
         for child in self.children:
-            if child.task is not None and child.task.id == job_id:
+            if job_id in child.ids():
                 child.end(Outcome(job_id, Status.CANCELLED, b""))
                 return True
         return False
 
-    def wait(self, timeout: float | None, wakeup: int) -> list[Outcome]:
+    def wait(self, timeout: float | None, wakeup: int) -> tuple[list[Outcome], list[Item]]:
         """Wait for children to finish jobs or die, for a deadline, or for
-        ``wakeup`` to be readable. Returns the outcomes of finished jobs,
-        those of jobs whose child died or was killed included."""
+        ``wakeup`` to be readable. Returns the outcomes of finished jobs (those
+        of jobs whose child died or was killed included), and the jobs to run
+        again, one at a time: the rest of a batch whose child died."""
         now = time.monotonic()
         deadlines = [d for c in self.children if (d := c.deadline()) is not None]
         if self.max_memory and self.busy():
@@ -120,30 +149,39 @@ class ProcessPool:
         if deadlines:
             until = max(0.0, min(deadlines) - now)
             timeout = until if timeout is None else min(timeout, until)
-        # A child being killed may still send a result; it no longer counts.
+        # A child being killed may still send results; they no longer count.
         by_conn = {c.conn: c for c in self.children if c.ending is None}
         by_sentinel = {c.process.sentinel: c for c in self.children + self._retiring}
-        outcomes = []
+        outcomes: list[Outcome] = []
+        again: list[Item] = []
         for ready in wait([*by_conn, *by_sentinel, wakeup], timeout):
             child = by_conn.get(ready)
             if child is not None:
                 try:
-                    job_id, status, payload, retryable = child.conn.recv()
+                    results = child.conn.recv()
                 except (EOFError, OSError):
                     continue    # it died; its sentinel tells the rest
-                outcomes.append(Outcome(job_id, Status(status), payload, retryable))
+                outcomes.extend(Outcome(i, Status(status), payload, retryable)
+                                for i, status, payload, retryable in results)
                 self._finished(child)
             child = by_sentinel.get(ready)
             if child is not None:
-                outcomes.extend(self._reap(child))
+                lost, rerun = self._reap(child)
+                outcomes.extend(lost)
+                again.extend(rerun)
         self._enforce_deadlines()
-        return outcomes
+        return outcomes, again
 
     def _finished(self, child: Child) -> None:
-        took = time.monotonic() - child.started
+        took = (time.monotonic() - child.started) / len(child.batch)
         self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
-        child.task = None
-        child.jobs += 1
+        fn = child.batch[0][0].fn
+        previous = self.fn_seconds.get(fn)
+        if previous is None and len(self.fn_seconds) >= 1024:
+            self.fn_seconds.clear()
+        self.fn_seconds[fn] = took if previous is None else 0.8 * previous + 0.2 * took
+        child.jobs += len(child.batch)
+        child.batch = []
         if (self.max_tasks and child.jobs >= self.max_tasks) or \
                 (self.max_memory and _rss(child) > self.max_memory):
             try:
@@ -159,36 +197,41 @@ class ProcessPool:
         if check_memory:
             self._next_memory_check = now + SETTINGS.memory_check
         for child in self.busy():
+            task = child.task
             if child.kill_at is not None:
                 if now >= child.kill_at:
                     child.process.kill()
                     child.kill_at = None    # the sentinel follows
-            elif child.task.timeout is not None and now >= child.started + child.task.timeout:
-                child.end(Outcome(child.task.id, Status.TIMEOUT, {
-                    "pid": child.pid, "host": os.uname().nodename, "timeout": child.task.timeout,
-                    "attempt": child.task.attempt}, True))
+            elif task is not None and task.timeout is not None and now >= child.started + task.timeout:
+                child.end(Outcome(task.id, Status.TIMEOUT, {
+                    "pid": child.pid, "host": os.uname().nodename, "timeout": task.timeout,
+                    "attempt": task.attempt}, True))
             elif check_memory and (rss := _rss(child)) > self.max_memory:
                 child.process.kill()
-                child.ending = Outcome(child.task.id, Status.LOST, {
+                child.ending = Outcome(child.ids()[0], Status.LOST, {
                     "pid": child.pid, "exitcode": -9, "signal": "SIGKILL", "host": os.uname().nodename,
                     "reason": f"the process running the job grew to {rss >> 20} MiB, past the "
                               f"worker's --max-memory-per-child of {self.max_memory >> 20} MiB"})
 
-    def _reap(self, child: Child) -> list[Outcome]:
+    def _reap(self, child: Child) -> tuple[list[Outcome], list[Item]]:
         child.process.join()
         child.conn.close()
         if child in self._retiring:
             self._retiring.remove(child)
-            return []
+            return [], []
         self.children[self.children.index(child)] = Child(self._ctx)
-        if child.task is None:
-            return []
-        if child.ending is not None:
-            return [child.ending]
-        return [Outcome(child.task.id, Status.LOST, {
-            "pid": child.pid, "exitcode": child.process.exitcode,
-            "signal": signal_name(child.process.exitcode), "host": os.uname().nodename,
-            "reason": "the process running the job died"}, True)]
+        if not child.batch:
+            return [], []
+        if child.task is not None:      # it ran one job: that job is the one
+            return [child.ending or Outcome(child.task.id, Status.LOST, {
+                "pid": child.pid, "exitcode": child.process.exitcode,
+                "signal": signal_name(child.process.exitcode), "host": os.uname().nodename,
+                "reason": "the process running the job died"}, True)], []
+        # A batch: no telling which job did it. Each runs again, alone, and is
+        # charged only if it does it again; a job we withdrew stays withdrawn.
+        ending = child.ending if child.ending and child.ending.status is Status.CANCELLED else None
+        rerun = [item for item in child.batch if ending is None or item[0].id != ending.id]
+        return ([ending] if ending else []), rerun
 
     def kill_busy(self) -> None:
         """Cold stop: kill the children running jobs, without replacing them."""
@@ -270,10 +313,13 @@ def _child_main(conn) -> None:
             return      # the worker is gone
         if message is None:
             return
-        task, blob = message
-        status, payload, retryable = _execute(task, blob, functions)
+        tasks, blobs = message
+        results = []
+        for task in tasks:
+            status, payload, retryable = _execute(task, blobs[task.fn], functions)
+            results.append((task.id, int(status), payload, retryable))
         try:
-            conn.send((task.id, int(status), payload, retryable))
+            conn.send(results)
         except OSError:
             return
 

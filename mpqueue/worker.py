@@ -97,6 +97,7 @@ class Worker:
         self._answers: dict[int, bool] = {}  # job id -> withdrawn?, for the broker
         self._drop_on_arrival: set[int] = set()   # withdrawn while on their way to us
         self._finished: deque = deque(maxlen=4096)  # ids of recently finished jobs
+        self._solo: set[int] = set()        # in a batch whose child died: run alone
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
         self._heartbeat = SETTINGS.heartbeat_interval
@@ -153,21 +154,39 @@ class Worker:
                     self._withdraw(pool)
                 idle = pool.idle()
                 while idle and self._inbox:
-                    task, blob = self._inbox.popleft()
-                    idle.pop().run(task, blob)
-                self._running = [c.task.id for c in pool.busy()]
+                    idle.pop().run(self._take_batch(pool))
+                self._running = [i for c in pool.busy() for i in c.ids()]
                 self._capacity = capacity(self.procs, pool.job_seconds)
             if unstarted:       # other workers can run them while ours finish
                 self.broker.release(self.id, unstarted)
                 continue
-            outcomes = pool.wait(None, self._wake_r)
+            outcomes, again = pool.wait(None, self._wake_r)
             self._drain_wakeups()
+            if again:
+                with self._lock:
+                    self._solo.update(task.id for task, _ in again)
+                    self._inbox.extendleft(reversed(again))
             if outcomes:
                 with self._lock:
                     self._finished.extend(o.id for o in outcomes)
                     self._outbox.extend(outcomes)
                     self._in_hand -= len(outcomes)
                     self._lock.notify_all()
+
+    def _take_batch(self, pool: ProcessPool) -> list:
+        """The next jobs for one child: several of one function if it is short."""
+        first = self._inbox.popleft()
+        if first[0].id in self._solo:
+            self._solo.discard(first[0].id)
+            return [first]
+        batch = [first]
+        size = pool.batch_size(first[0], len(self._inbox) + 1)
+        while len(batch) < size and self._inbox:
+            task = self._inbox[0][0]
+            if task.fn != first[0].fn or task.timeout is not None or task.id in self._solo:
+                break
+            batch.append(self._inbox.popleft())
+        return batch
 
     # -- threads ------------------------------------------------------------
 
@@ -224,7 +243,7 @@ class Worker:
         for job_id, force in self._requests:
             if job_id in inbox:
                 withdrawn = True
-            elif any(c.task.id == job_id for c in pool.busy()):
+            elif any(job_id in c.ids() for c in pool.busy()):
                 withdrawn = force and pool.withdraw(job_id)
             elif job_id in self._finished:
                 withdrawn = False
