@@ -71,7 +71,8 @@ class _Worker:
     pid: int
     procs: int
     held: set = dataclasses.field(default_factory=set)      # job ids leased to it
-    running: set = dataclasses.field(default_factory=set)   # as of its last report
+    running: set = dataclasses.field(default_factory=set)   # as of its newest report
+    running_version: int = 0
     withdraw: list = dataclasses.field(default_factory=list)   # (job id, force) to ask it
     done: int = 0
     failed: int = 0
@@ -308,14 +309,15 @@ class Broker:
                     functions[job.task.fn] = self._functions[job.task.fn][0]
             return tasks, functions
 
-    def report(self, session: str, outcomes: list[Outcome], running: list[int]) -> None:
-        """A worker's finished jobs, and the ids of the jobs its children run now."""
+    def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]]) -> None:
+        """A worker's finished jobs, and (version, ids) of the jobs its children run now."""
         with self._lock:
             self._bind(session)
             worker = self._workers.get(session)
             if worker is not None:
                 self._touch(worker)
-                worker.running = set(running)
+                if running[0] >= worker.running_version:
+                    worker.running_version, worker.running = running[0], set(running[1])
             for outcome in outcomes:
                 job = self._jobs.get(outcome.id)
                 if job is None:

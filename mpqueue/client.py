@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +45,9 @@ log = logging.getLogger("mpqueue.client")
 #: How many jobs `Client.map` keeps in flight ahead of the consumer, when
 #: ``max_pending`` does not say.
 MAP_WINDOW = 1024
+
+#: Submits closer together than this are a burst, batched by the send thread.
+BURST_GAP = 0.001
 
 _UNSET: Any = object()
 
@@ -211,6 +215,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._futures: dict[int, JobFuture] = {}
         self._outbox: list[tuple[Submission, bytes]] = []
         self._sending = False
+        self._last_submit = 0.0
         self._seq = itertools.count(1)
         self._closed = False
         self._failure: BaseException | None = None
@@ -248,7 +253,19 @@ class Client(_Submitter, concurrent.futures.Executor):
             seq = next(self._seq)
             future = self._futures[seq] = JobFuture(self, seq, fn)
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
-            self._lock.notify_all()
+            # A lone submit (not part of a burst) is sent from this thread at
+            # once: a handoff to the send thread would cost it latency, and
+            # there is nothing for a batch to gather.
+            now = time.monotonic()
+            alone = not self._sending and len(self._outbox) == 1 and now - self._last_submit > BURST_GAP
+            self._last_submit = now
+            if alone:
+                batch, self._outbox = self._outbox, []
+                self._sending = True
+            else:
+                self._lock.notify_all()
+        if alone:
+            self._ship(batch)
         if self._slots is not None:
             future.add_done_callback(lambda f: self._slots.release())
         return future
@@ -340,16 +357,22 @@ class Client(_Submitter, concurrent.futures.Executor):
                     return
                 batch, self._outbox = self._outbox, []
                 self._sending = True
-            functions = {sub.fn: blob for sub, blob in batch}
-            try:
-                self._broker.submit(self.session, [sub for sub, _ in batch], functions)
-            except BrokerUnavailable as e:
-                self._fail(e)
+            if not self._ship(batch):
                 return
-            finally:
-                with self._lock:
-                    self._sending = False
-                    self._lock.notify_all()
+
+    def _ship(self, batch: list[tuple[Submission, bytes]]) -> bool:
+        """Send a batch of jobs to the broker (``_sending`` is set). False if it is gone."""
+        functions = {sub.fn: blob for sub, blob in batch}
+        try:
+            self._broker.submit(self.session, [sub for sub, _ in batch], functions)
+            return True
+        except BrokerUnavailable as e:
+            self._fail(e)
+            return False
+        finally:
+            with self._lock:
+                self._sending = False
+                self._lock.notify_all()
 
     def _collect_loop(self) -> None:
         ack = acked = 0
@@ -479,17 +502,23 @@ class LocalCluster:
         env["PYTHONPATH"] = os.pathsep.join(path)
         command = [sys.executable, "-m", "mpqueue"]
         self.processes: list[subprocess.Popen] = []
-        self.broker = self._start(command + ["broker", "--port", "0", "--lifeline"], env,
-                                  stdout=subprocess.PIPE)
-        line = self.broker.stdout.readline().decode()
+        # Reserve a port (bound, not listening: the broker can bind it too, no
+        # one else can) so that broker and worker start at the same time.
+        with socket.socket() as reservation:
+            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            reservation.bind(("127.0.0.1", 0))
+            self.address = reservation.getsockname()
+            port = str(self.address[1])
+            self.broker = self._start(command + ["broker", "--port", port, "--lifeline"], env,
+                                      stdout=subprocess.PIPE)
+            worker = command + ["worker", format_address(self.address), "--lifeline"]
+            if procs:
+                worker += ["--procs", str(procs)]
+            self._start(worker, env)
+            line = self.broker.stdout.readline().decode()
         if "listening on" not in line:
             self.stop()
             raise BrokerUnavailable(f"the local broker did not start: {line.strip() or 'no output'}")
-        self.address = parse_address(line.rsplit("listening on", 1)[1].split()[0])
-        worker = command + ["worker", format_address(self.address), "--lifeline"]
-        if procs:
-            worker += ["--procs", str(procs)]
-        self._start(worker, env)
 
     def _start(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
         process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, **kwargs)

@@ -92,7 +92,7 @@ class Worker:
         self._in_hand = 0                   # fetched and not yet finished
         self._capacity = capacity(procs, None)
         self._outbox: list = []             # outcomes not yet reported
-        self._running: list[int] = []       # ids of the jobs children run now
+        self._running: tuple[int, list[int]] = (0, [])  # (version, ids of the jobs children run now)
         self._requests: list = []           # (job id, force): withdraw, from the broker
         self._answers: dict[int, bool] = {}  # job id -> withdrawn?, for the broker
         self._drop_on_arrival: set[int] = set()   # withdrawn while on their way to us
@@ -155,7 +155,7 @@ class Worker:
                 idle = pool.idle()
                 while idle and self._inbox:
                     idle.pop().run(self._take_batch(pool))
-                self._running = [i for c in pool.busy() for i in c.ids()]
+                self._note_running(pool)
                 self._capacity = capacity(self.procs, pool.job_seconds)
             if unstarted:       # other workers can run them while ours finish
                 self.broker.release(self.id, unstarted)
@@ -169,9 +169,34 @@ class Worker:
             if outcomes:
                 with self._lock:
                     self._finished.extend(o.id for o in outcomes)
-                    self._outbox.extend(outcomes)
                     self._in_hand -= len(outcomes)
+                    self._note_running(pool)
+                    running = self._running
+                    # Gone idle: report from here at once, sparing the latency
+                    # of a handoff; while busy, the report thread batches.
+                    direct = not self._inbox and not pool.busy() and not self._outbox
+                    if not direct:
+                        self._outbox.extend(outcomes)
                     self._lock.notify_all()
+                if direct and not self._report_now(outcomes, running):
+                    return
+
+    def _note_running(self, pool: ProcessPool) -> None:
+        """Record which jobs run now (lock held), versioned so that the broker
+        keeps the newest when two threads report at once."""
+        ids = [i for c in pool.busy() for i in c.ids()]
+        if ids != self._running[1]:
+            self._running = (self._running[0] + 1, ids)
+
+    def _report_now(self, outcomes: list, running: tuple[int, list[int]]) -> bool:
+        try:
+            self.broker.report(self.id, outcomes, running)
+            return True
+        except BrokerUnavailable as e:
+            with self._lock:
+                self._failure = self._failure or e
+                self._stop = 2
+            return False
 
     def _take_batch(self, pool: ProcessPool) -> list:
         """The next jobs for one child: several of one function if it is short."""
@@ -273,14 +298,16 @@ class Worker:
                 answers = {job_id: self._answers.pop(job_id) for job_id, _ in requests}
 
     def _report_loop(self) -> None:
+        beat = time.monotonic() + self._heartbeat
         while True:
             with self._lock:
-                if not self._outbox and self._reporting:
-                    self._lock.wait(self._heartbeat)
+                while not self._outbox and self._reporting and (wait := beat - time.monotonic()) > 0:
+                    self._lock.wait(wait)
                 outcomes, self._outbox = self._outbox, []
                 running = self._running
                 last = not self._reporting and not outcomes
             self.broker.report(self.id, outcomes, running)
+            beat = time.monotonic() + self._heartbeat
             if last:
                 return
 

@@ -1,0 +1,820 @@
+"""`mpqueue.Pool`: the API of `multiprocessing.pool.Pool`, with the jobs on an mpqueue cluster.
+
+::
+
+    apply_async / map_async / imap ...  (the caller's thread: a _Feed, and a result object)
+         │
+         ▼
+    feeder thread ── a chunk of a feed's input at a time ──▶ Client.submit(_Call, chunk)
+                                                                 │ (the cluster)
+    AsyncResult / MapResult / IMapIterator ◀── _Dispatcher._chunk_done ◀── Future done
+                                               (the client's collect thread)
+
+Each call becomes a `_Feed`: its input, the `_Call` its jobs run, and the
+object that gathers its results. One feeder thread reads the inputs, in the
+order the calls came, like the task handler thread of `multiprocessing.pool`,
+so that no call blocks. A feed has a window: the most chunks it may have out
+at once. For ``imap``, a chunk stays out until the consumer takes its results,
+so an endless input is read only as far ahead as the window. With an address,
+``processes`` bounds the jobs this pool has on the cluster at once.
+
+In a worker's process, a `_Call` runs the pool's initializer once (see
+`_Call._initialize`), then the function over the chunk's items, and returns
+the results with the seconds the function took, from which a feed with no
+``chunksize`` sizes its next chunks (`_Chunker`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.pool
+import os
+import pickle
+import sys
+import threading
+import time
+import uuid
+import warnings
+import weakref
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterable, Iterator
+
+from .client import Client, LocalCluster
+from .config import format_address, resolve_authkey
+from .errors import MpqueueError, RemoteTraceback
+from .transport import connect
+
+__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
+           "IMapUnorderedIterator"]
+
+log = logging.getLogger("mpqueue.pool")
+
+#: With no ``chunksize``, a job carries about this many seconds of work, as
+#: measured in the worker. A job costs about 0.1 ms on top of its work, so
+#: 0.05 s keeps that under 1%, while chunks stay short enough to spread over
+#: the processes evenly and to show imap's first results soon. See
+#: docs/migrating.md#chunksize for the measurement.
+TARGET_CHUNK_SECONDS = 0.05
+
+#: With no ``chunksize``, this many jobs per process are out at once: chunks
+#: are sized to keep a process busy, so two each cover the round trip.
+AUTO_WINDOW_PER_PROC = 2
+
+#: With a given ``chunksize``, the work per job is unknown; keep this many
+#: jobs out (the window of `Client.map`), so tiny jobs still stream.
+FIXED_WINDOW = 1024
+
+#: An input of unknown length (imap) is cut into chunks of at most this many
+#: items: past it, a job's overhead no longer shows, and what is read ahead
+#: stays modest.
+MAX_AUTO_CHUNK = 10_000
+
+RUN, CLOSE, TERMINATE = "RUN", "CLOSE", "TERMINATE"
+APPLY, MAP, STARMAP = "apply", "map", "starmap"
+
+#: In a worker's process: the pools whose importable initializer ran here.
+_initialized: set[str] = set()
+
+
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cluster_procs(address: tuple[str, int], authkey: bytes) -> int:
+    """How many processes the cluster's workers have now, all told."""
+    broker, _ = connect(address, authkey)
+    try:
+        return sum(w["procs"] for w in broker.status()["workers"])
+    finally:
+        broker.close()
+
+
+class _Wrapper:
+    """A callable that runs ``self.fn``. The client finds the source lines of a
+    remote traceback through the job function's code and globals; these point
+    it at the user's function rather than at the wrapper."""
+
+    fn: Callable
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self.fn
+
+    @property
+    def __code__(self):
+        return getattr(self.fn, "__code__", None)
+
+    @property
+    def __globals__(self) -> dict:
+        return getattr(self.fn, "__globals__", {})
+
+
+class _Call(_Wrapper):
+    """What a pool's job runs in a worker's process: the pool's initializer,
+    once, then ``fn`` over a chunk of items. Returns the results and the
+    seconds ``fn`` took."""
+
+    def __init__(self, fn: Callable, kind: str, pool_id: str,
+                 initializer: Callable | None, initargs: tuple):
+        self.fn = fn
+        self.kind = kind
+        self.pool_id = pool_id
+        self.initializer = initializer
+        self.initargs = initargs
+
+    def __call__(self, items: list) -> tuple[list, float]:
+        if self.initializer is not None:
+            self._initialize()
+        fn = self.fn
+        start = time.perf_counter()
+        if self.kind == MAP:
+            results = [fn(item) for item in items]
+        elif self.kind == STARMAP:
+            results = [fn(*item) for item in items]
+        else:
+            results = [fn(*args, **kwds) for args, kwds in items]
+        return results, time.perf_counter() - start
+
+    def _initialize(self) -> None:
+        """Run the initializer once per process, before this pool's first job there.
+
+        An importable initializer shares its module with everything in the
+        process: once per process, as in `multiprocessing.Pool`. One sent by
+        value (from ``__main__``, a lambda, a module registered with
+        ``cloudpickle.register_pickle_by_value``) arrives with a private copy
+        of its module's globals, shared only with the function it was sent
+        with: it runs once per such copy, so that a global it sets is there
+        for every function that reads it. If it raises, the job fails with
+        that exception, and the next job tries again.
+        """
+        init = self.initializer
+        namespace = getattr(init, "__globals__", None)
+        module = sys.modules.get(getattr(init, "__module__", None) or "")
+        if namespace is None or (module is not None and vars(module) is namespace):
+            if self.pool_id not in _initialized:
+                init(*self.initargs)
+                _initialized.add(self.pool_id)
+        else:
+            marker = f"__mpqueue_pool_{self.pool_id}_initialized__"
+            if marker not in namespace:
+                init(*self.initargs)
+                namespace[marker] = True
+
+
+class _Chunker:
+    """Chunk sizes for one feed: ``chunksize`` if given; else aiming at
+    `TARGET_CHUNK_SECONDS` of work per job, by the time per item the jobs
+    measure, and one item per job until the first measurement arrives."""
+
+    def __init__(self, chunksize: int | None, cap: int):
+        self.fixed = chunksize
+        self.cap = cap
+        self.per_item: float | None = None
+
+    def size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.per_item is None:
+            return 1
+        return max(1, min(self.cap, int(TARGET_CHUNK_SECONDS / max(self.per_item, 1e-9))))
+
+    def observe(self, items: int, seconds: float) -> None:
+        """Called from the client's collect thread; a float's update is atomic enough."""
+        if self.fixed is None and items:
+            per_item = seconds / items
+            self.per_item = per_item if self.per_item is None else (self.per_item + per_item) / 2
+
+
+def _with_stdlib_cause(exc: BaseException) -> BaseException:
+    """Chain the remote traceback as `multiprocessing.pool.RemoteTraceback`,
+    as the standard library's pool does."""
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        exc.__cause__ = multiprocessing.pool.RemoteTraceback(cause.tb)
+    return exc
+
+
+# -- results --------------------------------------------------------------------
+
+class AsyncResult:
+    """The result of `Pool.apply_async`, as `multiprocessing.pool.AsyncResult`.
+
+    ``callback`` or ``error_callback`` is called with the value or the
+    exception, in the thread that delivers results, before `ready` turns
+    True: it should return quickly. One that raises is logged.
+    """
+
+    def __init__(self, callback: Callable | None, error_callback: Callable | None):
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise multiprocessing.TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, success: bool, value: Any) -> None:
+        self._success, self._value = success, value
+        callback = self._callback if success else self._error_callback
+        if callback is not None:
+            try:
+                callback(value)
+            except Exception:
+                log.exception("exception calling callback for %r", self)
+        self._event.set()
+
+    # As a feed's sink: one chunk of one item.
+    def _chunk_done(self, index: int, start: int, ok: bool, value: Any) -> None:
+        self._set(ok, value[0] if ok else value)
+
+    def _input_done(self, chunks: int, error: BaseException | None) -> None:
+        if error is not None and not self.ready():
+            self._set(False, error)
+
+
+ApplyResult = AsyncResult
+
+
+class MapResult(AsyncResult):
+    """The result of `Pool.map_async`: ready once every chunk has finished; a
+    failure is the first exception to arrive, as in `multiprocessing.pool`."""
+
+    def __init__(self, callback: Callable | None, error_callback: Callable | None):
+        super().__init__(callback, error_callback)
+        self._lock = threading.Lock()
+        self._chunks: dict[int, list] = {}
+        self._error: BaseException | None = None
+        self._arrived = 0
+        self._total: int | None = None
+        self._finished = False
+
+    def _chunk_done(self, index: int, start: int, ok: bool, value: Any) -> None:
+        with self._lock:
+            self._arrived += 1
+            if ok:
+                self._chunks[start] = value
+            elif self._error is None:
+                self._error = value
+        self._maybe_finish()
+
+    def _input_done(self, chunks: int, error: BaseException | None) -> None:
+        with self._lock:
+            self._total = chunks
+            if error is not None and self._error is None:
+                self._error = error
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        with self._lock:
+            if self._total is None or self._arrived < self._total or self._finished:
+                return
+            self._finished = True
+            chunks, self._chunks = self._chunks, {}
+            error = self._error
+        if error is not None:
+            self._set(False, error)
+        else:
+            self._set(True, [x for start in sorted(chunks) for x in chunks[start]])
+
+
+class IMapIterator:
+    """The iterator of `Pool.imap`: results in input order, lazily.
+
+    ``next(timeout)`` raises `multiprocessing.TimeoutError` if the next result
+    is not there in time. A failed chunk raises its exception in its place,
+    and the iteration goes on after it; an exception from the input is raised
+    after the results of the items before it, and ends the iteration.
+    """
+
+    def __init__(self, dispatcher: "_Dispatcher"):
+        self._dispatcher = dispatcher
+        self._feed: _Feed | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._buffer: deque = deque()
+        self._taken = 0                     # chunks handed to the consumer
+        self._end: int | None = None        # how many chunks the input made, once it ended
+        self._error: BaseException | None = None
+
+    def __iter__(self) -> "IMapIterator":
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._buffer:
+            with self._cond:
+                while not self._has_next():
+                    if self._end is not None and self._taken >= self._end:
+                        error, self._error = self._error, None
+                        if error is not None:
+                            raise error
+                        raise StopIteration
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise multiprocessing.TimeoutError
+                    self._cond.wait(remaining)
+                ok, value = self._take()
+                self._taken += 1
+            self._dispatcher._consumed(self._feed)
+            if not ok:
+                raise value
+            self._buffer.extend(value)
+        return self._buffer.popleft()
+
+    __next__ = next
+
+    # The ordered variant; IMapUnorderedIterator overrides these three.
+    def _init_slots(self) -> None:
+        self._chunks: dict[int, tuple[bool, Any]] = {}
+
+    def _has_next(self) -> bool:
+        return self._taken in self._chunks
+
+    def _take(self) -> tuple[bool, Any]:
+        return self._chunks.pop(self._taken)
+
+    def _put(self, index: int, item: tuple[bool, Any]) -> None:
+        self._chunks[index] = item
+
+    # As a feed's sink.
+    def _chunk_done(self, index: int, start: int, ok: bool, value: Any) -> None:
+        with self._cond:
+            self._put(index, (ok, value))
+            self._cond.notify_all()
+
+    def _input_done(self, chunks: int, error: BaseException | None) -> None:
+        with self._cond:
+            self._end, self._error = chunks, error
+            self._cond.notify_all()
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """The iterator of `Pool.imap_unordered`: results as their chunks finish."""
+
+    def _init_slots(self) -> None:
+        self._ready: deque = deque()
+
+    def _has_next(self) -> bool:
+        return bool(self._ready)
+
+    def _take(self) -> tuple[bool, Any]:
+        return self._ready.popleft()
+
+    def _put(self, index: int, item: tuple[bool, Any]) -> None:
+        self._ready.append(item)
+
+
+# -- the dispatcher ---------------------------------------------------------------
+
+class _Feed:
+    """One call's input, cut into chunks, and where its results go.
+
+    Its counters are guarded by the dispatcher's condition; only the feeder
+    thread reads ``items``.
+    """
+
+    def __init__(self, call: _Call, items: Iterator, chunker: _Chunker, window: int | None,
+                 sink, on_drop: Callable | None = None):
+        self.call = call
+        self.items = items
+        self.chunker = chunker
+        self.window = window
+        # imap: a chunk is out until its results are taken, and the iterator is
+        # held weakly: once the caller drops it, ``on_drop`` wakes the feeder,
+        # which stops reading the input and withdraws the chunks out.
+        self.lazy = on_drop is not None
+        self.sink = weakref.ref(sink, lambda _: on_drop()) if self.lazy else (lambda: sink)
+        self.chunks = 0             # cut so far: the index of the next one
+        self.position = 0           # items read so far
+        self.done = 0               # chunks whose jobs finished
+        self.consumed = 0           # chunks the imap consumer has taken
+        self.exhausted = False      # the input ended (or failed, or was dropped)
+        self.futures: set[concurrent.futures.Future] = set()
+
+    def out(self, state: str) -> int:
+        """Chunks that count against the window: after `Pool.close`, an imap
+        no longer waits for its consumer, so that `Pool.join` can finish."""
+        return self.chunks - (self.consumed if self.lazy and state == RUN else self.done)
+
+    def has_room(self, state: str) -> bool:
+        return not self.exhausted and (self.window is None or self.out(state) < self.window)
+
+    def finished(self) -> bool:
+        return self.exhausted and self.done == self.chunks
+
+    def dropped(self) -> bool:
+        return self.lazy and self.sink() is None
+
+
+class _Dispatcher:
+    """Reads the feeds, submits their chunks, and delivers what comes back.
+
+    It owns the client, and the private cluster if there is one; `Pool` is
+    a thin front, so that a pool the caller dropped can be garbage collected
+    (and terminated) while these threads still run.
+    """
+
+    def __init__(self, client: Client, cluster: LocalCluster | None, limit: int | None):
+        self.client = client
+        self.cluster = cluster
+        self.limit = limit          # most jobs out at once, all feeds together
+        self.cond = threading.Condition()
+        self.state = RUN
+        self.feeds: list[_Feed] = []
+        self.in_flight = 0
+        self._ending = threading.Lock()
+        self._ended = False
+        self.thread = threading.Thread(target=self._run, name="mpqueue-pool-feeder", daemon=True)
+        self.thread.start()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def add(self, feed: _Feed) -> None:
+        with self.cond:
+            if self.state != RUN:
+                raise ValueError("Pool not running")
+            self.feeds.append(feed)
+            self.cond.notify_all()
+
+    # -- the feeder thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                feed, dropped = self._next_feed()
+            if dropped:
+                for future in dropped:
+                    future.cancel()
+                continue
+            if feed is None:
+                return
+            self._feed_one(feed)
+
+    def _next_feed(self) -> tuple[_Feed | None, list]:
+        """Wait for a feed with room (and room under the limit). With the condition held."""
+        while True:
+            if self.state == TERMINATE:
+                return None, []
+            self.feeds = [f for f in self.feeds if not f.finished()]
+            dropped = []
+            for feed in self.feeds:
+                if feed.dropped() and not feed.exhausted:
+                    feed.exhausted = True       # its consumer is gone: withdraw what it has out
+                    dropped.extend(feed.futures)
+            if dropped:
+                return None, dropped
+            if not self.feeds and self.state == CLOSE:
+                return None, []
+            if self.limit is None or self.in_flight < self.limit:
+                for feed in self.feeds:
+                    if feed.has_room(self.state):
+                        return feed, []
+            self.cond.wait()
+
+    def _feed_one(self, feed: _Feed) -> None:
+        try:
+            chunk = list(itertools.islice(feed.items, feed.chunker.size()))
+        except BaseException as e:      # the caller's input raised: that ends it
+            self._end_input(feed, e)
+            return
+        if not chunk:
+            self._end_input(feed, None)
+            return
+        with self.cond:
+            index, start = feed.chunks, feed.position
+            feed.chunks += 1
+            feed.position += len(chunk)
+        try:
+            future = self.client.submit(feed.call, chunk)
+        except pickle.PicklingError as e:
+            # This chunk fails (with what pickling raised, as the stdlib's
+            # pool would), the rest of the input goes on.
+            self._deliver(feed, index, start, False, e.__cause__ or e)
+            with self.cond:
+                feed.done += 1
+                self.cond.notify_all()
+            return
+        except Exception as e:          # the client is closed, or lost its broker
+            self._deliver(feed, index, start, False, e)
+            with self.cond:
+                feed.done += 1
+            self._end_input(feed, None)
+            return
+        with self.cond:
+            self.in_flight += 1
+            feed.futures.add(future)
+        future.add_done_callback(lambda f: self._chunk_done(feed, index, start, len(chunk), f))
+
+    def _end_input(self, feed: _Feed, error: BaseException | None) -> None:
+        with self.cond:
+            feed.exhausted = True
+            chunks = feed.chunks
+            self.cond.notify_all()
+        sink = feed.sink()
+        if sink is not None:
+            sink._input_done(chunks, error)
+
+    # -- the client's collect thread ------------------------------------------------
+
+    def _chunk_done(self, feed: _Feed, index: int, start: int, items: int,
+                    future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            ok, value = False, concurrent.futures.CancelledError(
+                "the job was withdrawn: the pool was terminated")
+        elif future.exception() is not None:
+            ok, value = False, _with_stdlib_cause(future.exception())
+        else:
+            value, seconds = future.result()
+            ok = True
+            feed.chunker.observe(items, seconds)
+        # Results (and callbacks) first: once join() returns, all have run.
+        self._deliver(feed, index, start, ok, value)
+        with self.cond:
+            feed.done += 1
+            feed.futures.discard(future)
+            self.in_flight -= 1
+            self.cond.notify_all()
+
+    @staticmethod
+    def _deliver(feed: _Feed, index: int, start: int, ok: bool, value: Any) -> None:
+        sink = feed.sink()
+        if sink is not None:
+            sink._chunk_done(index, start, ok, value)
+
+    # -- the consumer's thread ------------------------------------------------------
+
+    def _consumed(self, feed: _Feed) -> None:
+        with self.cond:
+            feed.consumed += 1
+            self.cond.notify_all()
+
+    # -- ending -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self.cond:
+            if self.state == RUN:
+                self.state = CLOSE
+            self.cond.notify_all()
+
+    def terminate(self) -> None:
+        with self.cond:
+            self.state = TERMINATE
+            self.cond.notify_all()
+        self._end()
+
+    def join(self) -> None:
+        with self.cond:
+            if self.state == RUN:
+                raise ValueError("Pool is still running")
+        self._end()
+
+    def _end(self) -> None:
+        """Wait for the feeder: after `close`, it ends once every input is read
+        and every job finished; after `terminate`, at once. Then stop the
+        jobs still out (if terminating), the client, and the private cluster."""
+        with self._ending:
+            if self._ended:
+                return
+            if self.thread is not threading.current_thread():
+                self.thread.join()
+            if self.state == TERMINATE:
+                self._withdraw_everything()
+            self.client.shutdown(wait=True)
+            if self.cluster is not None:
+                self.cluster.stop()
+            self._ended = True
+
+    def _withdraw_everything(self) -> None:
+        with self.cond:
+            feeds = list(self.feeds)
+        stopped = concurrent.futures.CancelledError("the pool was terminated")
+        for feed in feeds:
+            if not feed.exhausted:
+                self._end_input(feed, stopped)
+        # Jobs not running yet, in one call; then the running ones, by force.
+        self.client.shutdown(wait=False, cancel_futures=True)
+        with self.cond:
+            running = [f for feed in feeds for f in feed.futures if not f.done()]
+        for future in running:
+            try:
+                self.client.cancel(future, force=True)
+            except MpqueueError:
+                pass    # the broker is gone: the client fails the future
+
+
+# -- the pool -----------------------------------------------------------------------
+
+class Pool:
+    """A drop-in for `multiprocessing.pool.Pool` whose jobs run on an mpqueue cluster.
+
+    With no ``address`` (and no ``$MPQUEUE_ADDRESS``), it starts a private
+    local cluster with ``processes`` worker processes (default: the usable
+    cores), which stops with the pool. With an ``address``, it uses that
+    cluster, and ``processes`` bounds how many of this pool's jobs are queued
+    or running there at once (None: no bound). ``authkey`` is as for `Client`.
+
+    ``initializer(*initargs)`` runs in a worker's process before the first
+    job of this pool that lands there (see `_Call._initialize`).
+    ``maxtasksperchild`` is checked, and not enforced: the cluster's processes
+    are the workers', shared by every client; ``mpqueue worker
+    --max-tasks-per-child`` recycles them. docs/migrating.md lists every
+    difference from the standard library's pool.
+    """
+
+    def __init__(self, processes: int | None = None, initializer: Callable | None = None,
+                 initargs: Iterable = (), maxtasksperchild: int | None = None, *,
+                 address: str | None = None, authkey: bytes | str | None = None):
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or isinstance(maxtasksperchild, bool) \
+                    or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+            warnings.warn("mpqueue.Pool does not enforce maxtasksperchild: the cluster's processes "
+                          "belong to its workers (see mpqueue worker --max-tasks-per-child)",
+                          RuntimeWarning, stacklevel=2)
+        self._id = uuid.uuid4().hex
+        self._initializer, self._initargs = initializer, tuple(initargs)
+        self._calls: OrderedDict[tuple[int, str], tuple[Callable, _Call]] = OrderedDict()
+        self._calls_lock = threading.Lock()
+        address = address or os.environ.get("MPQUEUE_ADDRESS") or None
+        cluster = None
+        if address is None:
+            self._processes = processes or _usable_cpus()
+            cluster = LocalCluster(self._processes)
+            try:
+                client = Client(format_address(cluster.address), authkey=cluster.authkey)
+            except BaseException:
+                cluster.stop()
+                raise
+        else:
+            client = Client(address, authkey=authkey)
+            try:
+                self._processes = processes or cluster_procs(client.address, resolve_authkey(authkey)) \
+                    or _usable_cpus()
+            except BaseException:
+                client.shutdown()
+                raise
+        self._dispatcher = _Dispatcher(client, cluster, None if cluster else processes)
+        # Like the standard library's pools: terminated at interpreter exit.
+        atexit.register(_terminate_at_exit, weakref.ref(self))
+
+    def __repr__(self) -> str:
+        where = "local cluster" if self._dispatcher.cluster else "cluster"
+        return (f"<mpqueue.Pool state={self._dispatcher.state} processes={self._processes} "
+                f"{where} at {format_address(self._dispatcher.client.address)}>")
+
+    # -- submitting ---------------------------------------------------------------------
+
+    def apply(self, func: Callable, args: Iterable = (), kwds: dict = {}) -> Any:
+        """``func(*args, **kwds)`` on the cluster; waits for the result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Callable, args: Iterable = (), kwds: dict = {},
+                    callback: Callable | None = None,
+                    error_callback: Callable | None = None) -> AsyncResult:
+        result = AsyncResult(callback, error_callback)
+        self._dispatcher.add(_Feed(self._call(func, APPLY), iter([(tuple(args), dict(kwds))]),
+                                   _Chunker(1, 1), None, result))
+        return result
+
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        """``[func(x) for x in iterable]``, on the cluster."""
+        return self._map_async(func, iterable, MAP, chunksize, None, None).get()
+
+    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                  callback: Callable | None = None,
+                  error_callback: Callable | None = None) -> MapResult:
+        return self._map_async(func, iterable, MAP, chunksize, callback, error_callback)
+
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        """``[func(*args) for args in iterable]``, on the cluster."""
+        return self._map_async(func, iterable, STARMAP, chunksize, None, None).get()
+
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                      callback: Callable | None = None,
+                      error_callback: Callable | None = None) -> MapResult:
+        return self._map_async(func, iterable, STARMAP, chunksize, callback, error_callback)
+
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> IMapIterator:
+        """Results in order, as an iterator; the input is read only a window ahead."""
+        return self._imap(IMapIterator, func, iterable, chunksize)
+
+    def imap_unordered(self, func: Callable, iterable: Iterable,
+                       chunksize: int | None = None) -> IMapUnorderedIterator:
+        """Results as they finish, as an iterator; the input is read only a window ahead."""
+        return self._imap(IMapUnorderedIterator, func, iterable, chunksize)
+
+    def _map_async(self, func, iterable, kind, chunksize, callback, error_callback) -> MapResult:
+        self._check_running()
+        _check_chunksize(chunksize)
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)       # as the stdlib does: map's input is read at once
+        cap = max(1, -(-len(iterable) // (4 * self._processes)))
+        result = MapResult(callback, error_callback)
+        self._dispatcher.add(_Feed(self._call(func, kind), iter(iterable),
+                                   _Chunker(chunksize, cap), self._window(chunksize), result))
+        return result
+
+    def _imap(self, cls, func, iterable, chunksize) -> IMapIterator:
+        self._check_running()
+        _check_chunksize(chunksize)
+        it = cls(self._dispatcher)
+        it._init_slots()
+        it._feed = _Feed(self._call(func, MAP), iter(iterable), _Chunker(chunksize, MAX_AUTO_CHUNK),
+                         self._window(chunksize), it, on_drop=self._dispatcher.wake)
+        self._dispatcher.add(it._feed)
+        return it
+
+    def _window(self, chunksize: int | None) -> int:
+        if chunksize is None:
+            return AUTO_WINDOW_PER_PROC * self._processes
+        return max(FIXED_WINDOW, AUTO_WINDOW_PER_PROC * self._processes)
+
+    def _call(self, fn: Callable, kind: str) -> _Call:
+        """One `_Call` per function and kind, so the client pickles it once."""
+        key = (id(fn), kind)
+        with self._calls_lock:
+            entry = self._calls.get(key)
+            if entry is None or entry[0] is not fn:
+                entry = self._calls[key] = (fn, _Call(fn, kind, self._id, self._initializer,
+                                                      self._initargs))
+                if len(self._calls) > 128:
+                    self._calls.popitem(last=False)
+            self._calls.move_to_end(key)
+            return entry[1]
+
+    def _check_running(self) -> None:
+        if self._dispatcher.state != RUN:
+            raise ValueError("Pool not running")
+
+    # -- ending -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Accept no more work; what was submitted runs to the end."""
+        self._dispatcher.close()
+
+    def terminate(self) -> None:
+        """Stop now: jobs not started are withdrawn, running ones killed, and
+        their results fail with `concurrent.futures.CancelledError`."""
+        self._dispatcher.terminate()
+
+    def join(self) -> None:
+        """After `close`, wait for every job; after `terminate`, for the cleanup."""
+        self._dispatcher.join()
+
+    def __enter__(self) -> "Pool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.terminate()
+
+    def __del__(self, _warn=warnings.warn):
+        dispatcher = getattr(self, "_dispatcher", None)
+        if dispatcher is None or dispatcher._ended:
+            return
+        if dispatcher.state == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
+        # Not in this thread: it may be any, one of the pool's own included.
+        try:
+            threading.Thread(target=dispatcher.terminate, name="mpqueue-pool-terminate").start()
+        except RuntimeError:
+            pass    # interpreter shutdown: the atexit handler or the lifelines see to it
+
+
+def _check_chunksize(chunksize: int | None) -> None:
+    if chunksize is not None and chunksize < 1:
+        raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+
+
+def _terminate_at_exit(ref: weakref.ref) -> None:
+    pool = ref()
+    if pool is not None:
+        pool.terminate()
