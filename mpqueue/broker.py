@@ -151,7 +151,7 @@ class Broker:
             worker = self._workers.get(session)
             if worker is not None:
                 log.warning("worker %s (%s pid %d) disconnected", worker.id, worker.host, worker.pid)
-                self._lose_worker(worker)
+                self._lose_worker(worker, died=True)
             client = self._clients.get(session)
             if client is not None:
                 client.gone_since = time.monotonic()
@@ -173,8 +173,7 @@ class Broker:
         with self._lock:
             worker = self._workers.get(session)
             if worker is not None:
-                worker.running.clear()
-                self._lose_worker(worker)
+                self._lose_worker(worker, died=False)
 
     def _client(self, session: str) -> _Client:
         client = self._clients.get(session)
@@ -182,15 +181,20 @@ class Broker:
             client = self._clients[session] = _Client(threading.Condition(self._lock))
         return client
 
-    def _lose_worker(self, worker: _Worker) -> None:
-        """Take back every job a worker held. Jobs it was running count a death."""
+    def _lose_worker(self, worker: _Worker, died: bool) -> None:
+        """Take back every job a worker held.
+
+        If it died, each counts a death: it cannot be told whether a job had
+        started (its report may be a second old), and a job that kills its
+        worker must not be handed on forever.
+        """
         del self._workers[worker.id]
         self._answered.notify_all()     # cancels waiting on its answers look again
         for job_id in worker.held:
             job = self._jobs.get(job_id)
             if job is None or job.worker != worker.id:
                 continue
-            if job_id in worker.running:
+            if died:
                 job.deaths += 1
                 worker.lost += 1
                 if job.deaths >= _max_deaths(job):
@@ -360,7 +364,12 @@ class Broker:
                 self._retry_later(job, worker)
                 return True
         elif status is Status.CANCELLED:
-            return True     # already gone from the client's view; nothing to deliver
+            # The broker forgets a job when its withdrawal is agreed, so one
+            # still here was not withdrawn after all: it goes back.
+            job.attempts -= 1
+            self._requeue(job)
+            self._work.notify()
+            return True
         return False
 
     def release(self, session: str, job_ids: list[int]) -> None:
@@ -488,6 +497,8 @@ class Broker:
                     verdicts[seq] = True
                 elif job.task.id in worker.running and not force:
                     verdicts[seq] = False
+                elif job.task.id in self._awaited or job.task.id in asked:
+                    verdicts[seq] = False   # another cancel of it is under way
                 else:
                     worker.withdraw.append((job.task.id, force))
                     asked[job.task.id] = seq
@@ -497,17 +508,17 @@ class Broker:
             return [verdicts[seq] for seq in seqs]
 
     def _await_answers(self, asked: dict[int, int]) -> dict[int, bool]:
-        """Wait (a bounded time) for workers to say whether they withdrew these jobs."""
+        """Wait for workers to say whether they withdrew these jobs.
+
+        No cutoff: a worker acts on a request whenever it gets it, so giving up
+        early would leave the two disagreeing. A worker that stops answering
+        is lost within the heartbeat timeout, which ends the wait.
+        """
         self._awaited.update(asked)
-        deadline = time.monotonic() + self.settings.connect_timeout
         try:
-            while True:
-                pending = [i for i in asked if i not in self._answers and
-                           (job := self._jobs.get(i)) is not None and job.worker in self._workers]
-                remaining = deadline - time.monotonic()
-                if not pending or remaining <= 0:
-                    break
-                self._answered.wait(remaining)
+            while any(i not in self._answers and (job := self._jobs.get(i)) is not None
+                      and job.worker in self._workers for i in asked):
+                self._answered.wait()
         finally:
             self._awaited.difference_update(asked)
         verdicts = {}
@@ -560,7 +571,7 @@ class Broker:
                 if now - worker.last_seen_mono > self.settings.heartbeat_timeout:
                     log.warning("worker %s (%s pid %d) silent for %.0f s; presumed lost",
                                 worker.id, worker.host, worker.pid, now - worker.last_seen_mono)
-                    self._lose_worker(worker)
+                    self._lose_worker(worker, died=True)
             for session, client in list(self._clients.items()):
                 if client.gone_since is not None and now - client.gone_since > self.settings.client_grace:
                     self._drop_client(session)

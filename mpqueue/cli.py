@@ -62,7 +62,7 @@ def _watch_lifeline(on_eof) -> None:
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True,
               help="Address to listen on. Anything but loopback exposes the cluster to the network.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int,
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 lets the OS choose.")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Exit when stdin closes.")
 def broker(host: str, port: int, lifeline: bool) -> None:
@@ -198,11 +198,7 @@ def demo(jobs: int, size: int) -> None:
     start = time.perf_counter()
     with Client() as client:
         started = time.perf_counter()
-        with click.progressbar(length=jobs, label="mpqueue", file=sys.stderr) as bar:
-            parallel = []
-            for value in client.map(_demo_job, items):
-                parallel.append(value)
-                bar.update(1)
+        parallel = list(client.map(_demo_job, items, progress=True))
         cluster_time = time.perf_counter() - started
     total_time = time.perf_counter() - start
     started = time.perf_counter()

@@ -154,12 +154,14 @@ class _Submitter:
         return self._client._submit(fn, payload, False, self._defaults)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator:
+            chunksize: int = 1, progress: bool = False) -> Iterator:
         """Like `Executor.map`: results in order, lazily.
 
         The input is read ahead only as far as ``max_pending`` (or a window of
         1024 jobs) allows, so an endless generator works. With ``chunksize``
-        > 1, each job applies ``fn`` to that many items.
+        > 1, each job applies ``fn`` to that many items. With ``progress``, a
+        bar on stderr shows done/total, rate and time left (nothing when
+        stderr is not a terminal).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be at least 1")
@@ -179,7 +181,11 @@ class _Submitter:
         futures: deque = deque()
         while len(futures) < window and (f := submit_next()) is not None:
             futures.append(f)
-        return client._map_results(futures, submit_next, deadline, chunksize > 1)
+        results = client._map_results(futures, submit_next, deadline, chunksize > 1)
+        if progress:
+            lengths = [len(i) for i in iterables if hasattr(i, "__len__")]
+            return _with_progress(results, min(lengths) if len(lengths) == len(iterables) else None)
+        return results
 
 
 class Client(_Submitter, concurrent.futures.Executor):
@@ -252,6 +258,8 @@ class Client(_Submitter, concurrent.futures.Executor):
                 self._check_open()
             seq = next(self._seq)
             future = self._futures[seq] = JobFuture(self, seq, fn)
+            if self._slots is not None:
+                future.add_done_callback(lambda f: self._slots.release())
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
             # A lone submit (not part of a burst) is sent from this thread at
             # once: a handoff to the send thread would cost it latency, and
@@ -259,15 +267,22 @@ class Client(_Submitter, concurrent.futures.Executor):
             now = time.monotonic()
             alone = not self._sending and len(self._outbox) == 1 and now - self._last_submit > BURST_GAP
             self._last_submit = now
-            if alone:
-                batch, self._outbox = self._outbox, []
-                self._sending = True
-            else:
+            if not alone:
                 self._lock.notify_all()
-        if alone:
+                return future
+            batch, self._outbox = self._outbox, []
+            self._sending = True
+        try:
             self._ship(batch)
-        if self._slots is not None:
-            future.add_done_callback(lambda f: self._slots.release())
+        except BaseException:
+            # Interrupted (Ctrl-C) mid-send: the caller never gets this future,
+            # so the job must not run, nor be waited for at shutdown.
+            with self._lock:
+                self._futures.pop(seq, None)
+                self._sending = False
+                self._lock.notify_all()
+            concurrent.futures.Future.cancel(future)
+            raise
         return future
 
     def _check_open(self) -> None:
@@ -351,7 +366,8 @@ class Client(_Submitter, concurrent.futures.Executor):
     def _send_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._outbox and not self._closed and self._failure is None:
+                # One batch in flight at a time (a lone submit may be sending).
+                while self._failure is None and (self._sending or (not self._outbox and not self._closed)):
                     self._lock.wait()
                 if not self._outbox or self._failure is not None:
                     return
@@ -464,6 +480,27 @@ def _failure(delivery: Delivery, fn: Callable) -> BaseException:
     if delivery.status is Status.SHUTDOWN:
         return ClusterShutdown("the cluster shut down before this job could run")
     return MpqueueError(f"unknown job status {delivery.status!r}")
+
+
+def _with_progress(results: Iterator, total: int | None) -> Iterator:
+    """Yield ``results`` under a progress bar on stderr: done/total, rate, time left.
+
+    click's bar, since click is a dependency already; hidden when stderr is
+    not a terminal, so logs and pipes stay clean.
+    """
+    import click
+
+    started = time.monotonic()
+
+    def rate(_) -> str:
+        elapsed = time.monotonic() - started
+        return f"{bar.pos / elapsed:,.1f}/s" if bar.pos and elapsed > 0 else ""
+
+    bar = click.progressbar(results, length=total, label="mpqueue", file=sys.stderr, show_pos=True,
+                            show_eta=total is not None, item_show_func=rate,
+                            hidden=not sys.stderr.isatty())
+    with bar:
+        yield from bar
 
 
 def _source_finder(fn: Callable) -> Callable[[str], str | None]:

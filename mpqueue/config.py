@@ -76,7 +76,7 @@ def parse_address(address: str | None) -> tuple[str, int]:
     if address is None:
         address = os.environ.get("MPQUEUE_ADDRESS") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"address {address!r} is not HOST:PORT")
     return host.strip("[]") or DEFAULT_HOST, int(port)
 

@@ -66,9 +66,12 @@ class Child:
         self.kill_at: float | None = None   # SIGKILL if still alive then
 
     def run(self, batch: list[Item]) -> None:
-        self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}))
         self.batch = batch
         self.started = time.monotonic()
+        try:
+            self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}))
+        except OSError:
+            pass    # it just died: its sentinel will say so, and the batch is handled then
 
     @property
     def task(self) -> Task | None:
@@ -121,13 +124,16 @@ class ProcessPool:
     def busy(self) -> list[Child]:
         return [c for c in self.children if c.batch]
 
-    def batch_size(self, task: Task, waiting: int) -> int:
-        """How many jobs like ``task`` to give one child at once (``waiting`` in all)."""
+    def batch_size(self, task: Task, waiting: int, child: Child) -> int:
+        """How many jobs like ``task`` to give ``child`` at once (``waiting`` in all)."""
         seconds = self.fn_seconds.get(task.fn)
         if task.timeout is not None or seconds is None:
             return 1
         fair = -(-waiting // max(1, len(self.idle())))
-        return max(1, min(MAX_BATCH, fair, int(BATCH_SECONDS / max(seconds, 1e-6))))
+        size = min(MAX_BATCH, fair, int(BATCH_SECONDS / max(seconds, 1e-6)))
+        if self.max_tasks:
+            size = min(size, self.max_tasks - child.jobs)
+        return max(1, size)
 
     def withdraw(self, job_id: int) -> bool:
         """Kill the child running ``job_id``, if one is; its outcome will say CANCELLED."""

@@ -103,13 +103,21 @@ def where() -> str:
 
 def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
     """Pickle what a job raised, keeping its text even if the object won't pickle."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        tb = f"{type_name}: {message}\n(the traceback could not be formatted)\n"
+    try:
         blob = dumps(exc)
+        pickle.loads(blob)      # one that will not load here will not load there
     except Exception:
         blob = None
-    return pickle.dumps((blob, type_name, str(exc), tb, f"{where()}, attempt {attempt}"),
+    return pickle.dumps((blob, type_name, message, tb, f"{where()}, attempt {attempt}"),
                         protocol=PROTOCOL)
 
 

@@ -25,7 +25,7 @@ import multiprocessing
 import socket
 import struct
 import threading
-from multiprocessing import connection, managers
+from multiprocessing import connection, managers, util
 
 from .config import SETTINGS, format_address
 from .errors import AuthenticationError, BrokerUnavailable
@@ -132,6 +132,9 @@ class _Proxy(managers.BaseProxy):
     def _callmethod(self, methodname, args=(), kwds={}):
         try:
             return super()._callmethod(methodname, args, kwds)
+        except (KeyboardInterrupt, SystemExit):
+            self._drop_connection()     # a call cut short leaves it mid-message
+            raise
         except multiprocessing.AuthenticationError:
             self._drop_connection()
             raise AuthenticationError(
@@ -178,5 +181,10 @@ def connect(address: tuple[str, int], authkey: bytes):
     """
     def proxy(cls, ident):
         token = managers.Token(cls.__name__, tuple(address), ident)
-        return cls(token, SERIALIZER, authkey=authkey, incref=False)
+        p = cls(token, SERIALIZER, authkey=authkey, incref=False)
+        # BaseProxy shares one connection per thread among all proxies to an
+        # address; ours each need their own, or two clients in one thread
+        # would speak for each other's session.
+        p._tls = util.ForkAwareLocal()
+        return p
     return proxy(BrokerProxy, BROKER_ID), proxy(EventProxy, EVENT_ID)

@@ -154,7 +154,8 @@ class Worker:
                     self._withdraw(pool)
                 idle = pool.idle()
                 while idle and self._inbox:
-                    idle.pop().run(self._take_batch(pool))
+                    child = idle.pop()
+                    child.run(self._take_batch(pool, child))
                 self._note_running(pool)
                 self._capacity = capacity(self.procs, pool.job_seconds)
             if unstarted:       # other workers can run them while ours finish
@@ -198,14 +199,14 @@ class Worker:
                 self._stop = 2
             return False
 
-    def _take_batch(self, pool: ProcessPool) -> list:
+    def _take_batch(self, pool: ProcessPool, child) -> list:
         """The next jobs for one child: several of one function if it is short."""
         first = self._inbox.popleft()
         if first[0].id in self._solo:
             self._solo.discard(first[0].id)
             return [first]
         batch = [first]
-        size = pool.batch_size(first[0], len(self._inbox) + 1)
+        size = pool.batch_size(first[0], len(self._inbox) + 1, child)
         while len(batch) < size and self._inbox:
             task = self._inbox[0][0]
             if task.fn != first[0].fn or task.timeout is not None or task.id in self._solo:
@@ -221,6 +222,11 @@ class Worker:
         except BrokerUnavailable as e:
             with self._lock:
                 self._failure = self._failure or e
+                self._stop = 2
+        except Exception as e:     # a bug of ours: stop, loudly, rather than limp on
+            log.exception("internal error in the %s thread", threading.current_thread().name)
+            with self._lock:
+                self._failure = self._failure or BrokerUnavailable(f"internal error: {e!r}")
                 self._stop = 2
         finally:
             self._wake()
@@ -295,7 +301,8 @@ class Worker:
                 self._wake()
                 while any(job_id not in self._answers for job_id, _ in requests):
                     self._lock.wait()
-                answers = {job_id: self._answers.pop(job_id) for job_id, _ in requests}
+                answers = {job_id: self._answers.pop(job_id)
+                           for job_id in dict.fromkeys(job_id for job_id, _ in requests)}
 
     def _report_loop(self) -> None:
         beat = time.monotonic() + self._heartbeat
