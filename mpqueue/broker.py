@@ -505,6 +505,10 @@ class Broker:
             if asked:
                 self._control.notify_all()
                 verdicts.update(self._await_answers(asked))
+            if any(verdicts.values()):
+                # Its collect call may be waiting for exactly these jobs.
+                client.woken = True
+                client.ready.notify_all()
             return [verdicts[seq] for seq in seqs]
 
     def _await_answers(self, asked: dict[int, int]) -> dict[int, bool]:

@@ -53,12 +53,12 @@ __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
 
 log = logging.getLogger("mpqueue.pool")
 
-#: With no ``chunksize``, a job carries about this many seconds of work, as
-#: measured in the worker. A job costs about 0.1 ms on top of its work, so
-#: 0.05 s keeps that under 1%, while chunks stay short enough to spread over
-#: the processes evenly and to show imap's first results soon. See
-#: docs/migrating.md#chunksize for the measurement.
-TARGET_CHUNK_SECONDS = 0.05
+#: With no ``chunksize``, a job carries about this much work, in seconds, as
+#: the worker measures it. Measured on 2 cores (docs/migrating.md#chunksize):
+#: 0.01 and 0.02 s lose up to 40% to the client's and broker's own work on tiny
+#: items; 0.2 s (joblib's aim) leaves processes idle at the end of short
+#: inputs; 0.05 to 0.1 s do well on both.
+TARGET_CHUNK_SECONDS = 0.1
 
 #: With no ``chunksize``, this many jobs per process are out at once: chunks
 #: are sized to keep a process busy, so two each cover the round trip.
@@ -473,26 +473,28 @@ class _Dispatcher:
             if feed is None:
                 return
             self._feed_one(feed)
+            # Hold nothing while waiting: a finished call's results must not
+            # outlive the caller's last reference to them.
+            feed = dropped = None
 
     def _next_feed(self) -> tuple[_Feed | None, list]:
         """Wait for a feed with room (and room under the limit). With the condition held."""
         while True:
             if self.state == TERMINATE:
                 return None, []
-            self.feeds = [f for f in self.feeds if not f.finished()]
-            dropped = []
             for feed in self.feeds:
                 if feed.dropped() and not feed.exhausted:
                     feed.exhausted = True       # its consumer is gone: withdraw what it has out
-                    dropped.extend(feed.futures)
-            if dropped:
-                return None, dropped
+                    if feed.futures:
+                        return None, list(feed.futures)
+            self.feeds = [f for f in self.feeds if not f.finished()]
             if not self.feeds and self.state == CLOSE:
                 return None, []
             if self.limit is None or self.in_flight < self.limit:
                 for feed in self.feeds:
                     if feed.has_room(self.state):
                         return feed, []
+            feed = None     # not kept alive while we wait
             self.cond.wait()
 
     def _feed_one(self, feed: _Feed) -> None:
@@ -603,7 +605,11 @@ class _Dispatcher:
                 self.thread.join()
             if self.state == TERMINATE:
                 self._withdraw_everything()
-            self.client.shutdown(wait=True)
+                # Not waiting: a job withdrawn by force resolves here at once,
+                # and the client's collect thread may sit out its long poll.
+                self.client.shutdown(wait=False)
+            else:
+                self.client.shutdown(wait=True)
             if self.cluster is not None:
                 self.cluster.stop()
             self._ended = True

@@ -1,0 +1,206 @@
+"""A joblib backend: `joblib.Parallel` batches run as jobs on an mpqueue cluster.
+
+::
+
+    import mpqueue.joblib           # registers the "mpqueue" backend
+    with parallel_config(backend="mpqueue", address="HOST:PORT"):
+        Parallel()(delayed(f)(i) for i in range(1000))
+
+    Parallel ──submit(batch, callback)──▶ Client.submit(_RunBatch(f), batch) ──▶ cluster
+    Parallel ◀── callback(future), in the client's collect thread ◀── Future done
+
+joblib cuts the calls into batches (`AutoBatchingMixin` sizes them to take
+0.2 to 2 s each) and keeps ``2 * n_jobs`` of them out (its ``pre_dispatch``);
+each batch is one mpqueue job. The batch travels as the job's argument, not
+as its function: the client and the workers keep recent job functions
+cached, and a batch holds its calls' data.
+
+joblib is an optional dependency: ``pip install mpqueue[joblib]``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, register_parallel_backend
+
+from .client import Client, LocalCluster
+from .config import format_address, parse_address, resolve_authkey
+from .errors import MpqueueError
+from .multiprocessing import _usable_cpus, _Wrapper, cluster_procs
+
+__all__ = ["MpqueueBackend"]
+
+
+class _RunBatch(_Wrapper):
+    """Runs a joblib batch in a worker's process. ``fn`` is the batch's
+    (first) function: the client names a remote traceback's sources by it."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, batch: Callable[[], list]) -> list:
+        return batch()
+
+    def __reduce__(self):
+        return _RunBatch, (None,)   # the batch brings the functions; this one is for naming
+
+
+class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
+    """The ``"mpqueue"`` joblib backend.
+
+    ``address`` is the broker's ``"HOST:PORT"``; None means
+    ``$MPQUEUE_ADDRESS`` or, if that is unset, a private local cluster for
+    each `Parallel` call. ``authkey`` is as for `Client`. Or pass ``client``,
+    an `mpqueue.Client` of yours, which the backend uses and never shuts
+    down. Other keywords are job options (``timeout``, ``retries``, ...), as
+    for `Client.options`, and apply to each batch.
+
+    ``n_jobs=-1`` (the default) means every process of the cluster's workers,
+    counted when the `Parallel` call starts; ``n_jobs=1`` runs the calls in
+    this process, as joblib does for every backend.
+    """
+
+    supports_retrieve_callback = True
+    default_n_jobs = -1
+    uses_threads = False
+    supports_sharedmem = False
+
+    def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
+                 client: Client | None = None, nesting_level: int | None = None,
+                 inner_max_num_threads: int | None = None, **options: Any):
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+        if client is not None and address is not None:
+            raise ValueError("pass an address or a client, not both")
+        self._address = address
+        self._authkey = authkey
+        self._given = client
+        self._job_options = options
+        self._client: Client | None = None
+        self._cluster: LocalCluster | None = None
+        self._submitter: Any = None
+        self._futures: set[concurrent.futures.Future] = set()
+        self._lock = threading.Lock()
+        self._wrappers: OrderedDict[int, tuple[Callable, _RunBatch]] = OrderedDict()
+        self._aborted = False
+
+    # -- how many ---------------------------------------------------------------------
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs is None:
+            n_jobs = self.default_n_jobs
+        if n_jobs < 0:
+            return max(self._cluster_size() + 1 + n_jobs, 1)
+        return n_jobs
+
+    def _cluster_size(self) -> int:
+        """The processes of the cluster's workers. A private cluster gets one
+        per usable core; a cluster with no worker yet counts as that many too,
+        so that the calls go to it (and wait there) rather than run here."""
+        if self._given is not None:
+            try:    # the client's own key is not known: try ours
+                return cluster_procs(self._given.address, resolve_authkey(self._authkey)) \
+                    or _usable_cpus()
+            except MpqueueError:
+                return _usable_cpus()
+        if self._cluster is not None:
+            address, authkey = self._cluster.address, self._cluster.authkey
+        else:
+            address = self._address or os.environ.get("MPQUEUE_ADDRESS")
+            if not address:
+                return _usable_cpus()
+            address, authkey = parse_address(address), resolve_authkey(self._authkey)
+        return cluster_procs(address, authkey) or _usable_cpus()
+
+    # -- a Parallel call ----------------------------------------------------------------
+
+    def configure(self, n_jobs: int = 1, parallel=None, **backend_kwargs) -> int:
+        self.parallel = parallel
+        if self._client is None:
+            self._connect()
+        return self.effective_n_jobs(n_jobs)
+
+    def _connect(self) -> None:
+        if self._given is not None:
+            client = self._given
+        else:
+            address = self._address or os.environ.get("MPQUEUE_ADDRESS") or None
+            if address is None:
+                self._cluster = LocalCluster()
+                try:
+                    client = Client(format_address(self._cluster.address), authkey=self._cluster.authkey)
+                except BaseException:
+                    self._cluster.stop()
+                    self._cluster = None
+                    raise
+            else:
+                client = Client(address, authkey=self._authkey)
+        self._client = client
+        self._submitter = client.options(**self._job_options) if self._job_options else client
+
+    def submit(self, func: Callable, callback: Callable | None = None) -> concurrent.futures.Future:
+        future = self._submitter.submit(self._wrapper(func), func)
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._forget)
+        if callback is not None:
+            future.add_done_callback(callback)
+        return future
+
+    apply_async = submit    # its name before joblib 1.5
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._futures.discard(future)
+
+    def _wrapper(self, batch) -> _RunBatch:
+        """One `_RunBatch` per function, so the client pickles it once."""
+        items = getattr(batch, "items", None)
+        fn = items[0][0] if items else batch
+        with self._lock:
+            entry = self._wrappers.get(id(fn))
+            if entry is None or entry[0] is not fn:
+                entry = self._wrappers[id(fn)] = (fn, _RunBatch(fn))
+                if len(self._wrappers) > 32:
+                    self._wrappers.popitem(last=False)
+            self._wrappers.move_to_end(id(fn))
+            return entry[1]
+
+    def retrieve_result_callback(self, future: concurrent.futures.Future) -> list:
+        return future.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """A call raised: withdraw the batches not started, and kill the running ones."""
+        with self._lock:
+            futures = list(self._futures)
+        self._aborted = True
+        for future in futures:
+            if not future.done():
+                try:
+                    self._client.cancel(future, force=True)
+                except MpqueueError:
+                    pass    # the broker is gone: the client fails the future
+
+    def terminate(self) -> None:
+        """The end of a `Parallel` call: close the client this backend made
+        (and its private cluster); a client that was passed in stays open."""
+        self.reset_batch_stats()
+        if self._client is not None and self._given is None:
+            # After an abort, not waiting: the futures are settled, and the
+            # client's collect thread may sit out its long poll.
+            self._client.shutdown(wait=not self._aborted, cancel_futures=True)
+            if self._cluster is not None:
+                self._cluster.stop()
+            self._client = self._cluster = self._submitter = None
+        self._aborted = False
+        with self._lock:
+            self._wrappers.clear()
+
+
+register_parallel_backend("mpqueue", MpqueueBackend)
