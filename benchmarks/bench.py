@@ -30,6 +30,9 @@ cold start  ``with Client() as c: c.submit(abs, -1).result()`` on a private
             result, and total including ``close()``/``join()``.
 W1          10,000 no-op jobs, one ``submit`` (``apply_async``) each, then all
             results gathered: jobs/s, first submit to last result.
+W1 map      1,000,000 no-op items through ``mpqueue.Pool(2).map`` and
+            ``multiprocessing.Pool(2).map``, each with its automatic chunk size:
+            items/s.
 W2          300 sequential round trips of a tiny job (submit, wait for the
             result, repeat; Pool: ``apply_async(...).get()``): median and p99
             latency in ms.
@@ -80,9 +83,9 @@ TAG = uuid.uuid4().hex
 MPQUEUE = [sys.executable, "-m", "mpqueue"]     # the `mpqueue` command, same interpreter
 PROCS = 2
 
-FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w2_trips=300, w3_jobs=32, w3_ms=100.0,
+FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w1_map_items=1_000_000, w2_trips=300, w3_jobs=32, w3_ms=100.0,
             w4_jobs=100, w4_bytes=1 << 20)
-QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
+QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w1_map_items=100_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
              w4_jobs=20, w4_bytes=1 << 20)
 
 #: Set when a call had to be abandoned (it still runs in a daemon thread): the
@@ -337,8 +340,16 @@ class Cluster:
 class MpqueueRunner:
     name = "mpqueue"
 
-    def __init__(self, client: mpqueue.Client):
+    def __init__(self, client: mpqueue.Client, address: str, authkey: str):
         self.client = client
+        self.address, self.authkey = address, authkey
+
+    def map(self, fn, items):
+        """``mpqueue.Pool.map`` with its automatic chunk size: (results, wall seconds)."""
+        with mpqueue.Pool(PROCS, address=self.address, authkey=self.authkey) as pool:
+            start = time.perf_counter()
+            results = pool.map(fn, items)
+            return results, time.perf_counter() - start
 
     def many(self, fn, args_list, timeout=WORKLOAD_TIMEOUT):
         """Submit each job, then wait for all: (results, wall seconds)."""
@@ -373,6 +384,11 @@ class PoolRunner:
     def round_trip(self, fn, *args):
         return self.pool.apply_async(fn, args).get(30)
 
+    def map(self, fn, items):
+        start = time.perf_counter()
+        results = self.pool.map(fn, items)
+        return results, time.perf_counter() - start
+
 
 def w1_throughput(runner, p) -> dict:
     n = p["w1_jobs"]
@@ -380,6 +396,14 @@ def w1_throughput(runner, p) -> dict:
     if results != list(range(n)):
         raise BenchError(f"{runner.name} W1: wrong results")
     return {"jobs": n, "wall_s": wall, "jobs_per_s": n / wall}
+
+
+def w1_map(runner, p) -> dict:
+    n = p["w1_map_items"]
+    results, wall = runner.map(noop, range(n))
+    if results != list(range(n)):
+        raise BenchError(f"{runner.name} W1 map: wrong results")
+    return {"items": n, "wall_s": wall, "items_per_s": n / wall}
 
 
 def w2_latency(runner, p) -> dict:
@@ -413,7 +437,8 @@ def w4_bandwidth(runner, p) -> dict:
     return {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
 
 
-WORKLOADS = [("W1", w1_throughput), ("W2", w2_latency), ("W3", w3_efficiency), ("W4", w4_bandwidth)]
+WORKLOADS = [("W1", w1_throughput), ("W1map", w1_map), ("W2", w2_latency), ("W3", w3_efficiency),
+             ("W4", w4_bandwidth)]
 
 
 def cold_mpqueue(problems: list[str]) -> dict:
@@ -482,6 +507,9 @@ def build_rows(raw: dict) -> list[tuple]:
                      med("Pool", "cold", key) * 1000, "lower", "{:,.0f}"))
     rows.append((f"W1 {raw['params']['w1_jobs']:,} no-op", "throughput (jobs/s)",
                  med("mpqueue", "W1", "jobs_per_s"), med("Pool", "W1", "jobs_per_s"), "higher", "{:,.0f}"))
+    rows.append((f"W1 map {raw['params']['w1_map_items']:,} no-op", "Pool.map, auto chunks (items/s)",
+                 med("mpqueue", "W1map", "items_per_s"), med("Pool", "W1map", "items_per_s"), "higher",
+                 "{:,.0f}"))
     trips = raw["params"]["w2_trips"]
     rows.append((f"W2 {trips} round trips", "median latency (ms)", med("mpqueue", "W2", "median_ms"),
                  med("Pool", "W2", "median_ms"), "lower", "{:.3f}"))
@@ -600,7 +628,7 @@ def main() -> int:
         log(f"warm-up done on mpqueue children {sorted(pids)}")
 
         p["blob"] = os.urandom(p["w4_bytes"])
-        runners = [MpqueueRunner(client), PoolRunner(pool)]
+        runners = [MpqueueRunner(client, cluster.address, cluster.authkey), PoolRunner(pool)]
         for name, fn in WORKLOADS:
             for r in runners:
                 raw[r.name][name] = []
