@@ -6,7 +6,6 @@ import ctypes
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import logs, python
+from conftest import python
 from mpqueue import Client, JobTimeout, WorkerLost
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
