@@ -202,7 +202,8 @@ def demo(jobs: int, size: int) -> None:
         cluster_time = time.perf_counter() - started
     total_time = time.perf_counter() - start
     started = time.perf_counter()
-    with click.progressbar(items, label="one core", file=sys.stderr) as bar:
+    with click.progressbar(items, label="one core", file=sys.stderr,
+                           hidden=not sys.stderr.isatty()) as bar:
         sequential = [_demo_job(n) for n in bar]
     one_core = time.perf_counter() - started
     assert parallel == sequential, "results differ"
