@@ -595,7 +595,7 @@ class Broker:
             waiting = [c for c in self._clients.values() if c.results and c.gone_since is None]
             return not waiting or now > self._drain_deadline
 
-    def status(self, session: str | None = None) -> dict:
+    def status(self) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""
         with self._lock:
             self._promote_due()

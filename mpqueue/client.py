@@ -321,25 +321,23 @@ class Client(_Submitter, concurrent.futures.Executor):
 
     def _withdraw(self, futures: list[JobFuture], force: bool) -> list[bool]:
         """Cancel jobs at the broker (or in the outbox, not yet sent), in one call."""
+        wanted = {f._seq for f in futures}
         with self._lock:
             while self._sending:        # a batch in flight: let the broker have it first
                 self._lock.wait()
-            unsent = {sub.seq for sub, _ in self._outbox}
-            self._outbox = [(sub, blob) for sub, blob in self._outbox
-                            if sub.seq not in {f._seq for f in futures}]
+            unsent = {sub.seq for sub, _ in self._outbox} & wanted
+            self._outbox = [(sub, blob) for sub, blob in self._outbox if sub.seq not in unsent]
         sent = [f for f in futures if f._seq not in unsent and not f.done()]
         verdicts = dict(zip((f._seq for f in sent),
                             self._broker.cancel(self.session, [f._seq for f in sent], force) if sent else []))
-        results = []
-        for future in futures:
-            withdrawn = future._seq in unsent or verdicts.get(future._seq, False)
-            if withdrawn:
-                with self._lock:
-                    self._futures.pop(future._seq, None)
-                    self._lock.notify_all()
-                concurrent.futures.Future.cancel(future)
-            results.append(withdrawn or future.cancelled())
-        return results
+        withdrawn = [f for f in futures if f._seq in unsent or verdicts.get(f._seq, False)]
+        with self._lock:
+            for future in withdrawn:
+                self._futures.pop(future._seq, None)
+            self._lock.notify_all()
+        for future in withdrawn:
+            concurrent.futures.Future.cancel(future)
+        return [future.cancelled() for future in futures]
 
     # -- closing ----------------------------------------------------------------
 

@@ -86,8 +86,7 @@ def test_sigterm_is_a_warm_stop(cluster):
     client = cluster.client()
     running = client.submit(started_then_wait, started, go, "finished where it started")
     queued = [client.submit(abs, -i) for i in range(5)]
-    while not started.exists():
-        time.sleep(0.01)
+    wait_then(started, None)
     cluster.wait_for(lambda s: s["workers"][0]["queued"] >= 1, "a job to be prefetched")
     worker.send_signal(signal.SIGTERM)
     cluster.start_worker(1)
@@ -105,8 +104,7 @@ def test_second_sigterm_is_a_cold_stop_and_the_job_runs_elsewhere(cluster):
     worker = cluster.start_worker(1)
     client = cluster.client()
     job = client.submit(started_then_wait, started, go, "done")
-    while not started.exists():
-        time.sleep(0.01)
+    wait_then(started, None)
     worker.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     worker.send_signal(signal.SIGTERM)
@@ -166,8 +164,7 @@ def test_shutdown_drains_running_jobs_and_fails_queued_ones(cluster):
     client = cluster.client()
     running = client.submit(started_then_wait, started, go, "drained")
     queued = [client.submit(abs, -i) for i in range(3)]
-    while not started.exists():
-        time.sleep(0.01)
+    wait_then(started, None)
     result = cluster.run("shutdown", cluster.address)
     assert result.returncode == 0, result.stderr
     time.sleep(0.3)
