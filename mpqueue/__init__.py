@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 from .client import Client
 from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
-                     JobTimeout, MpqueueError, RemoteError, WorkerLost)
+                     JobTimeout, MpqueueError, RemoteError, VersionMismatch, WorkerLost)
 from .multiprocessing import Pool
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
-           "AuthenticationError", "ClusterShutdown", "JobTimeout", "WorkerLost", "RemoteError", "__version__"]
+           "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",
+           "RemoteError", "__version__"]

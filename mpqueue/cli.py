@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,8 +16,9 @@ import time
 import click
 
 from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, authkey_path, format_address, parse_address, resolve_authkey
-from .errors import MpqueueError
+from .config import (DEFAULT_HOST, DEFAULT_PORT, SETTINGS, TLS_VARIABLES, authkey_path, format_address,
+                     is_loopback, parse_address, resolve_authkey, resolve_tls)
+from .errors import ConfigError, MpqueueError
 
 ADDRESS_HELP = "HOST:PORT of the broker [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]"
 
@@ -59,13 +61,36 @@ def _watch_lifeline(on_eof) -> None:
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
+def _tls_options(command):
+    """``--tls-cert``, ``--tls-key``, ``--tls-ca``. Each sets its ``MPQUEUE_TLS_*``
+    variable: the one setting the transport reads (`resolve_tls`)."""
+    def use(ctx, param, value):
+        if value is not None:
+            os.environ[TLS_VARIABLES[param.name.removeprefix("tls_")]] = value
+    for name, text in reversed((
+            ("cert", "This process's TLS certificate. With --tls-key and --tls-ca, connections use "
+                     "mutual TLS [default: $MPQUEUE_TLS_CERT]."),
+            ("key", "The private key of --tls-cert [default: $MPQUEUE_TLS_KEY]."),
+            ("ca", "The certificate of the CA that signed every member's certificate "
+                   "[default: $MPQUEUE_TLS_CA]."))):
+        command = click.option(f"--tls-{name}", type=click.Path(exists=True, dir_okay=False),
+                               metavar="PEM", expose_value=False, callback=use, help=text)(command)
+    return command
+
+
 @main.command()
 @click.option("--host", default=DEFAULT_HOST, show_default=True,
               help="Address to listen on. Anything but loopback exposes the cluster to the network.")
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 lets the OS choose.")
+@click.option("--journal", type=click.Path(dir_okay=False), default=None,
+              help="Keep jobs and results in this SQLite file, so that a broker restarted on it "
+                   "loses nothing [default: memory only].")
+@click.option("--result-ttl", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Drop results not collected after this long [default: $MPQUEUE_RESULT_TTL, else 86400].")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Exit when stdin closes.")
-def broker(host: str, port: int, lifeline: bool) -> None:
+@_tls_options
+def broker(host: str, port: int, journal: str | None, result_ttl: float | None, lifeline: bool) -> None:
     """Serve the job and result queues until `mpqueue shutdown`, SIGTERM or Ctrl-C.
 
     Prints `listening on HOST:PORT` once it accepts connections.
@@ -73,6 +98,14 @@ def broker(host: str, port: int, lifeline: bool) -> None:
     from .broker import serve
 
     had_key = bool(os.environ.get("MPQUEUE_AUTHKEY")) or authkey_path().exists()
+    loopback = is_loopback(host)
+    if not had_key and not loopback:
+        raise ConfigError(
+            f"refusing to listen on {host}, not a loopback address, without a configured authkey: "
+            "set MPQUEUE_AUTHKEY to a long random secret, e.g. from "
+            "`python3 -c 'import secrets; print(secrets.token_hex(32))'`, here and on every "
+            f"worker and client (or write it to {authkey_path()}, mode 0600)")
+    tls = resolve_tls()
     authkey = resolve_authkey(create=True)
     if os.environ.get("MPQUEUE_AUTHKEY"):
         source = "from $MPQUEUE_AUTHKEY"
@@ -83,10 +116,17 @@ def broker(host: str, port: int, lifeline: bool) -> None:
 
     def ready(address):
         logging.getLogger("mpqueue.broker").info("authkey %s", source)
+        if tls is not None:
+            logging.getLogger("mpqueue.broker").info(
+                "TLS with certificate %s; peers must present one signed by %s", tls.cert, tls.ca)
+        elif not loopback:
+            logging.getLogger("mpqueue.broker").warning(
+                "listening on %s without TLS: the traffic is not encrypted (see --tls-cert)", host)
         click.echo(f"mpqueue broker {__version__} listening on {format_address(address)}")
 
+    settings = SETTINGS if result_ttl is None else dataclasses.replace(SETTINGS, result_ttl=result_ttl)
     try:
-        serve((host, port), authkey, ready)
+        serve((host, port), authkey, ready, settings, journal)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -100,9 +140,13 @@ def broker(host: str, port: int, lifeline: bool) -> None:
 @click.option("--max-memory-per-child", type=click.IntRange(min=1), default=None, metavar="MIB",
               help="Replace a child whose memory (RSS) is over MIB mebibytes after a job; kill one "
                    "that grows past it while running, failing that job with WorkerLost.")
+@click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="If the broker goes away, keep running jobs and try to reconnect for this long, "
+                   "then stop [default: $MPQUEUE_RECONNECT_TIMEOUT, else 60].")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Stop (cold) when stdin closes.")
+@_tls_options
 def worker(address: str | None, procs: int | None, max_tasks_per_child: int | None,
-           max_memory_per_child: int | None, lifeline: bool) -> None:
+           max_memory_per_child: int | None, reconnect_timeout: float | None, lifeline: bool) -> None:
     """Run jobs from the broker at ADDRESS in a pool of processes.
 
     Stops on `mpqueue shutdown`, or on SIGTERM/Ctrl-C: the first is a warm stop
@@ -117,7 +161,8 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
         procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     w = Worker(parse_address(address), resolve_authkey(), procs,
                max_tasks_per_child=max_tasks_per_child,
-               max_memory_per_child=max_memory_per_child and max_memory_per_child << 20)
+               max_memory_per_child=max_memory_per_child and max_memory_per_child << 20,
+               reconnect_timeout=SETTINGS.reconnect_timeout if reconnect_timeout is None else reconnect_timeout)
     if lifeline:
         _watch_lifeline(lambda: w.stop(cold=True))
     try:
@@ -130,6 +175,7 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
 @main.command()
 @click.argument("address", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_tls_options
 def status(address: str | None, as_json: bool) -> None:
     """Show the broker's workers and job counts."""
     from .transport import connect
@@ -144,9 +190,11 @@ def status(address: str | None, as_json: bool) -> None:
     click.echo(f"broker {format_address(addr)}: {info['queued']} queued, {info['running']} running, "
                f"{info['done']} done, {info['failed']} failed; {info['clients']} client(s)"
                + ("; shutting down" if info["shutting_down"] else ""))
-    columns = ("id", "host", "pid", "procs", "running", "queued", "done", "failed", "timed_out",
-               "retried", "lost", "last_seen")
-    rows = [[str(w[c]) for c in columns[:-1]] + [f"{max(0.0, time.time() - w['last_seen']):.1f}s ago"]
+    columns = ("id", "host", "address", "pid", "procs", "running", "queued", "done", "failed",
+               "timed_out", "retried", "lost", "version", "python", "cloudpickle", "last_seen")
+    optional = ("address", "version", "python", "cloudpickle")
+    rows = [[str(w.get(c) or "-") if c in optional else str(w[c]) for c in columns[:-1]]
+            + [f"{max(0.0, time.time() - w['last_seen']):.1f}s ago"]
             for w in info["workers"]]
     if not rows:
         click.echo("no workers")
@@ -159,6 +207,7 @@ def status(address: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("address", required=False)
+@_tls_options
 def shutdown(address: str | None) -> None:
     """Stop the cluster: workers finish running jobs and exit, then the broker.
 

@@ -1,4 +1,4 @@
-"""Where things are (addresses, the authkey) and how long we wait for them.
+"""Where things are (addresses, the authkey, TLS files) and how long we wait for them.
 
 Every timeout and interval of the system lives in `SETTINGS`, so that a reader
 can see the whole timing model in one place and a test can shorten it through
@@ -8,8 +8,10 @@ the environment (``MPQUEUE_HEARTBEAT_TIMEOUT=2`` and the like).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -49,6 +51,11 @@ class Settings:
     #: With --max-memory-per-child, how often a worker measures the children
     #: running jobs (between jobs it measures every time).
     memory_check: float = 0.25
+    #: A worker or client whose broker went away tries to reconnect for this
+    #: long (with backoff) before it gives up.
+    reconnect_timeout: float = 60.0
+    #: A result its client has not collected is dropped after this long.
+    result_ttl: float = 86400.0
     #: A worker prefetches about this much work per proc (by its measured job
     #: time): one job when jobs are long, many when they are tiny.
     prefetch_seconds: float = 0.02
@@ -117,3 +124,43 @@ def resolve_authkey(authkey: bytes | str | None = None, *, create: bool = False)
     with os.fdopen(fd, "wb") as f:
         f.write(key + b"\n")
     return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names loopback addresses only: a broker there is off the network."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+TLS_VARIABLES = {"cert": "MPQUEUE_TLS_CERT", "key": "MPQUEUE_TLS_KEY", "ca": "MPQUEUE_TLS_CA"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """Mutual TLS: this process's certificate and private key, and the CA
+    certificate that signed every member's (PEM files)."""
+    cert: str
+    key: str
+    ca: str
+
+
+def resolve_tls() -> TLSFiles | None:
+    """The TLS files from ``$MPQUEUE_TLS_CERT``, ``_KEY`` and ``_CA``; None: no TLS.
+
+    The commands' ``--tls-*`` options set these variables, so that a process
+    and everything it connects agree. It takes all three or none: a peer
+    without a certificate cannot take part in mutual TLS.
+    """
+    paths = {field: os.environ.get(name) or None for field, name in TLS_VARIABLES.items()}
+    if not any(paths.values()):
+        return None
+    for field, name in TLS_VARIABLES.items():
+        if paths[field] is None:
+            raise ConfigError(f"TLS needs all of --tls-cert, --tls-key and --tls-ca "
+                              f"(or MPQUEUE_TLS_CERT, _KEY and _CA): {name} is not set")
+        if not os.path.isfile(paths[field]):
+            raise ConfigError(f"{name}={paths[field]}: no such file")
+    return TLSFiles(**paths)

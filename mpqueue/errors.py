@@ -23,7 +23,12 @@ class BrokerUnavailable(MpqueueError, ConnectionError):
 
 
 class AuthenticationError(BrokerUnavailable, multiprocessing.AuthenticationError):
-    """The broker and this process hold different authkeys."""
+    """The broker and this process hold different authkeys, or TLS refused one of them."""
+
+
+class VersionMismatch(MpqueueError):
+    """The broker and this process run Python minor versions or cloudpickle major
+    versions between which pickles do not cross; the broker refused the connection."""
 
 
 class ClusterShutdown(MpqueueError):
