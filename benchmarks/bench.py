@@ -228,7 +228,8 @@ def run_with_timeout(fn, timeout: float, what: str):
 class Cluster:
     """`mpqueue broker --port 0` and `mpqueue worker HOST:PORT --procs 2` as subprocesses."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, broker_args: tuple[str, ...] = ()):
+        self.broker_args = broker_args
         self.authkey = secrets.token_hex(32)
         self.env = dict(os.environ, MPQUEUE_AUTHKEY=self.authkey, **{TAG_VAR: TAG})
         self.env.pop("MPQUEUE_ADDRESS", None)
@@ -247,7 +248,7 @@ class Cluster:
 
     def start(self) -> None:
         blog = self._log("broker")
-        self.broker = subprocess.Popen(MPQUEUE + ["broker", "--port", "0"], env=self.env,
+        self.broker = subprocess.Popen(MPQUEUE + ["broker", "--port", "0", *self.broker_args], env=self.env,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=blog)
         line = run_with_timeout(self.broker.stdout.readline, 30, "waiting for the broker's first line")
         line = line.decode(errors="replace")
@@ -523,8 +524,8 @@ def build_rows(raw: dict) -> list[tuple]:
     return rows
 
 
-def format_table(rows: list[tuple]) -> str:
-    header = ("workload", "metric", "mpqueue", "Pool", "ratio", "better")
+def format_table(rows: list[tuple], names: tuple[str, str] = ("mpqueue", "Pool")) -> str:
+    header = ("workload", "metric", *names, "ratio", "better")
     body = []
     for workload, metric, a, b, better, fmt in rows:
         ratio = f"{a / b:.2f}x" if b else "n/a"

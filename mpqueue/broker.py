@@ -27,6 +27,7 @@ of that lock, so nothing here ever polls. Payloads are opaque bytes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -35,10 +36,12 @@ import random
 import signal
 import threading
 import time
+import uuid
 from collections import deque
 from typing import Callable
 
 from .config import SETTINGS, Settings
+from .journal import Journal
 from .protocol import Delivery, Options, Outcome, Status, Submission, Task
 from .transport import BrokerServer
 
@@ -70,6 +73,8 @@ class _Worker:
     host: str
     pid: int
     procs: int
+    address: str | None = None  # IP address its connection came from
+    versions: dict = dataclasses.field(default_factory=dict)  # its mpqueue, Python, cloudpickle
     held: set = dataclasses.field(default_factory=set)      # job ids leased to it
     running: set = dataclasses.field(default_factory=set)   # as of its newest report
     running_version: int = 0
@@ -87,8 +92,9 @@ class _Worker:
 class _Client:
     ready: threading.Condition
     jobs: dict = dataclasses.field(default_factory=dict)     # its seq -> job id, unfinished
-    results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery), not yet acked
+    results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery, created), not yet acked
     numbers: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
+    max_seq: int = 0            # its highest job number received: a batch sent again is skipped
     gone_since: float | None = None
     woken: bool = False
 
@@ -100,10 +106,19 @@ def _max_deaths(job: _Job) -> int:
 class Broker:
     """All queue state. Public methods are called through the transport, one
     thread per connection; the first argument of each is the caller's session
-    id, which also tells `connection_closed` whose connection ended."""
+    id, which also tells `connection_closed` whose connection ended.
 
-    def __init__(self, settings: Settings = SETTINGS):
+    With a `Journal`, every call that changes jobs, results or sessions
+    commits its changes before it returns, and the state it holds is loaded
+    back at start."""
+
+    def __init__(self, settings: Settings = SETTINGS, journal: Journal | None = None):
         self.settings = settings
+        self._journal = journal
+        #: Which broker this is: the journal's, or this process's own. A
+        #: worker rejoining a different one holds nothing it would know.
+        self.id = uuid.uuid4().hex
+        self._dirty: set[int] = set()                  # jobs whose attempts changed, for the journal
         self.shutdown_event = threading.Event()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)   # fetchers wait here
@@ -124,6 +139,46 @@ class Broker:
         self._done = 0
         self._failed = 0
         self._drain_deadline: float | None = None
+        if journal is not None:
+            self._restore(journal.load())
+
+    def _restore(self, state: dict) -> None:
+        """Take back a journal's state: every job queued, results waiting for their clients."""
+        self.id = state["id"]
+        self._ids = itertools.count(state["next_id"])
+        self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
+        now = time.monotonic()
+        for session, max_seq in state["clients"].items():
+            self._client(session).max_seq = max_seq
+            self._clients[session].gone_since = now
+        for job_id, session, seq, fn, payload, chunked, opts, attempts, deaths in state["jobs"]:
+            task = Task(job_id, fn, payload, chunked, opts.timeout, opts.retry_on, 0)
+            job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths)
+            self._functions[fn][1] += 1
+            self._client(session).jobs[seq] = job_id
+            self._push(job)
+        wall, last = time.time(), {}
+        for session, number, delivery, created in state["results"]:
+            # Their age, in this process's monotonic clock, for the TTL.
+            self._client(session).results.append((number, delivery, now - max(0.0, wall - created)))
+            last[session] = number
+        for session, number in last.items():
+            self._clients[session].numbers = itertools.count(number + 1)
+        log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
+                 self._journal.path, len(self._jobs), len(state["results"]), len(self._clients))
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """Hold the lock for a call that changes state; commit it to the journal after."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                if self._journal is not None:
+                    self._journal.attempts((job.attempts, job.deaths, i) for i in self._dirty
+                                           if (job := self._jobs.get(i)) is not None)
+                    self._dirty.clear()
+                    self._journal.commit()
 
     # -- sessions ---------------------------------------------------------
 
@@ -141,7 +196,7 @@ class Broker:
         session = getattr(self._local, "session", None)
         if session is None:
             return
-        with self._lock:
+        with self._changing():
             left = self._connections[session] - 1
             if left:
                 self._connections[session] = left
@@ -156,21 +211,76 @@ class Broker:
             if client is not None:
                 client.gone_since = time.monotonic()
 
+    def connection_opened(self, peer: str | None) -> None:
+        """Called by the server when a connection is authenticated, in that
+        connection's thread, with the peer's IP address: hostnames can be alike
+        (containers, cloned machines), addresses on one network are not."""
+        self._local.peer = peer
+
     def register(self, session: str, kind: str, info: dict) -> dict:
         """A worker or client introduces itself."""
-        with self._lock:
+        with self._changing():
             self._bind(session)
             if kind == "worker":
-                self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"])
-                log.info("worker %s joined from %s pid %d with %d procs",
-                         session, info["host"], info["pid"], info["procs"])
-            else:
-                self._client(session)
-            return {"heartbeat_interval": self.settings.heartbeat_interval}
+                address = getattr(self._local, "peer", None)
+                versions = {k: info.get(k) for k in ("version", "python", "cloudpickle")}
+                old = self._workers.pop(session, None)
+                self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"],
+                                                 address=address, versions=versions)
+                log.info("worker %s joined from %s (%s) pid %d with %d procs",
+                         session, info["host"], address, info["pid"], info["procs"])
+                running = info.get("running", ())
+                new = info.get("broker_id", self.id) != self.id
+                if not new:
+                    self._lease_back(self._workers[session], old, running)
+                return {"heartbeat_interval": self.settings.heartbeat_interval, "broker_id": self.id,
+                        "new": new, "unknown": [i for i in running if new or i not in self._jobs]}
+            # A client reconnecting to a broker that restarted without its
+            # session (no journal, or it expired) is told so, and not taken on.
+            known = session in self._clients
+            if not known and info.get("resume"):
+                return {"known": False}
+            client = self._client(session)
+            # Jobs it sent and is still waiting for that this broker has
+            # neither queued nor finished: lost with a journal's last writes.
+            finished = {delivery.seq for _, delivery, _ in client.results}
+            missing = [seq for seq in info.get("pending", ())
+                       if seq <= client.max_seq and seq not in client.jobs and seq not in finished]
+            return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
+                    "missing": missing}
+
+    def _lease_back(self, worker: _Worker, old: _Worker | None, running) -> None:
+        """A worker rejoining still runs these jobs: leave them with it
+        (already counted as an attempt), not queued for another.
+
+        ``old`` is its previous registration, if this broker still had it
+        (its connections broke, the broker did not restart): the jobs that
+        worker held and does not run now, it dropped unstarted.
+        """
+        if old is not None:
+            for job_id in old.held:
+                job = self._jobs.get(job_id)
+                if job is None or job.worker != worker.id:
+                    continue
+                if job_id in running:
+                    worker.held.add(job_id)
+                    worker.running.add(job_id)
+                else:
+                    job.attempts -= 1
+                    self._dirty.add(job_id)
+                    self._requeue(job)
+            self._work.notify_all()
+        for job_id in running:
+            job = self._jobs.get(job_id)
+            if job is not None and job.queued:
+                self._unqueue(job)
+                job.worker = worker.id
+                worker.held.add(job_id)
+                worker.running.add(job_id)
 
     def unregister(self, session: str) -> None:
         """A worker leaves cleanly; anything it still holds goes back to the queue."""
-        with self._lock:
+        with self._changing():
             worker = self._workers.get(session)
             if worker is not None:
                 self._lose_worker(worker, died=False)
@@ -194,6 +304,7 @@ class Broker:
             job = self._jobs.get(job_id)
             if job is None or job.worker != worker.id:
                 continue
+            self._dirty.add(job_id)
             if died:
                 job.deaths += 1
                 worker.lost += 1
@@ -256,12 +367,19 @@ class Broker:
 
     def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes]) -> None:
         """Queue jobs. ``functions`` holds the pickled function of every digest they use."""
-        with self._lock:
+        with self._changing():
             self._bind(session)
             client = self._client(session)
             for fn, blob in functions.items():
                 self._functions.setdefault(fn, [blob, 0])
             closed = self.shutdown_event.is_set()
+            # A client sends a batch again when its broker went away during
+            # the call: what the broker took before that is not queued twice.
+            submissions = [sub for sub in submissions if sub.seq > client.max_seq]
+            if not submissions:
+                return
+            client.max_seq = submissions[-1].seq
+            jobs = []
             for sub in submissions:
                 self._functions[sub.fn][1] += 1
                 opts = sub.options
@@ -269,18 +387,24 @@ class Broker:
                 job = _Job(task, opts, session, sub.seq)
                 self._jobs[task.id] = job
                 client.jobs[sub.seq] = task.id
+                jobs.append(job)
+            if self._journal is not None:
+                self._journal.submitted(session, client.max_seq, task.id + 1, [
+                    (j.task.id, j.seq, j.task.fn, j.task.payload, j.task.chunked, j.options) for j in jobs],
+                    {fn: self._functions[fn][0] for fn in {j.task.fn for j in jobs}})
+            for job in jobs:
                 if closed:
                     self._finish(job, Status.SHUTDOWN, b"")
                 else:
                     self._push(job)
-            self._work.notify(len(submissions))
+            self._work.notify(len(jobs))
 
     def fetch(self, session: str, max_jobs: int, wait: float):
         """Lease up to ``max_jobs`` jobs to a worker, waiting up to ``wait`` s for one.
 
         Returns ``(tasks, functions)``, or None once the cluster is shutting down.
         """
-        with self._lock:
+        with self._changing():
             self._bind(session)
             worker = self._seen(session)
             deadline = time.monotonic() + min(wait, self.settings.wait_slice)
@@ -307,6 +431,7 @@ class Broker:
                     break
                 job.worker = session
                 job.attempts += 1
+                self._dirty.add(job.task.id)
                 worker.held.add(job.task.id)
                 tasks.append(job.task._replace(attempt=job.attempts))
                 if job.task.fn not in functions:
@@ -315,7 +440,7 @@ class Broker:
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]]) -> None:
         """A worker's finished jobs, and (version, ids) of the jobs its children run now."""
-        with self._lock:
+        with self._changing():
             self._bind(session)
             worker = self._workers.get(session)
             if worker is not None:
@@ -326,6 +451,7 @@ class Broker:
                 job = self._jobs.get(outcome.id)
                 if job is None:
                     continue    # finished already: a duplicate from a re-run
+                self._dirty.add(outcome.id)
                 holder = self._workers.get(job.worker) if job.worker else None
                 if holder is not None:
                     holder.held.discard(job.task.id)
@@ -374,7 +500,7 @@ class Broker:
 
     def release(self, session: str, job_ids: list[int]) -> None:
         """A stopping worker gives back jobs it fetched but never started."""
-        with self._lock:
+        with self._changing():
             self._bind(session)
             worker = self._workers.get(session)
             for job_id in job_ids:
@@ -383,6 +509,7 @@ class Broker:
                     if worker is not None:
                         worker.held.discard(job_id)
                     job.attempts -= 1
+                    self._dirty.add(job_id)
                     self._requeue(job)
             self._work.notify_all()
 
@@ -410,18 +537,24 @@ class Broker:
         client = self._clients.get(job.client)
         if client is None:
             return      # its client is gone: nobody to tell
-        client.results.append((next(client.numbers), Delivery(job.seq, status, payload, job.attempts)))
+        number, delivery = next(client.numbers), Delivery(job.seq, status, payload, job.attempts)
+        if self._journal is not None:
+            self._journal.result(job.client, number, delivery, time.time())
+        client.results.append((number, delivery, time.monotonic()))
         client.ready.notify()
 
     def collect(self, session: str, ack: int, wait: float) -> list[tuple[int, Delivery]]:
         """Drop this client's results numbered up to ``ack`` (it has them), then
         return the next ones, waiting up to ``wait`` s for at least one."""
-        with self._lock:
+        with self._changing():
             self._bind(session)
             client = self._client(session)
             results = client.results
-            while results and results[0][0] <= ack:
-                results.popleft()
+            if results and results[0][0] <= ack:
+                while results and results[0][0] <= ack:
+                    results.popleft()
+                if self._journal is not None:
+                    self._journal.acknowledged(session, ack)
             deadline = time.monotonic() + min(wait, self.settings.wait_slice)
             while not results and not client.woken:
                 remaining = deadline - time.monotonic()
@@ -430,17 +563,17 @@ class Broker:
                 client.ready.wait(remaining)
             client.woken = False
             batch, size = [], 0
-            for item in results:
+            for number, delivery, _ in results:
                 if len(batch) >= COLLECT_BATCH or size >= COLLECT_BYTES:
                     break
-                batch.append(item)
-                payload = item[1].payload
+                batch.append((number, delivery))
+                payload = delivery.payload
                 size += len(payload) if isinstance(payload, bytes) else 0
             return batch
 
     def goodbye(self, session: str) -> None:
         """A client leaves: its queued jobs are dropped and its results discarded."""
-        with self._lock:
+        with self._changing():
             client = self._clients.get(session)
             if client is not None:
                 client.woken = True
@@ -451,6 +584,8 @@ class Broker:
         client = self._clients.pop(session)
         for job_id in list(client.jobs.values()):
             self._withdraw(self._jobs[job_id])
+        if self._journal is not None:
+            self._journal.client_gone(session)
 
     def _withdraw(self, job: _Job) -> None:
         """Drop a job its client no longer wants; if a worker holds it, ask it
@@ -471,6 +606,10 @@ class Broker:
         entry[1] -= 1
         if entry[1] == 0:
             del self._functions[job.task.fn]
+        if self._journal is not None:
+            self._journal.forgotten(job.task.id)
+            if entry[1] == 0:
+                self._journal.unused(job.task.fn)
         client = self._clients.get(job.client)
         if client is not None:
             client.jobs.pop(job.seq, None)
@@ -481,7 +620,7 @@ class Broker:
         A job not yet started is always withdrawn; a running one only with
         ``force`` (its child is killed). A finished one cannot be.
         """
-        with self._lock:
+        with self._changing():
             self._bind(session)
             client = self._client(session)
             verdicts: dict[int, bool] = {}
@@ -570,14 +709,30 @@ class Broker:
         Returns True once a shutdown has fully drained and the broker may exit.
         """
         now = time.monotonic()
-        with self._lock:
+        with self._changing():
             for worker in list(self._workers.values()):
                 if now - worker.last_seen_mono > self.settings.heartbeat_timeout:
                     log.warning("worker %s (%s pid %d) silent for %.0f s; presumed lost",
                                 worker.id, worker.host, worker.pid, now - worker.last_seen_mono)
                     self._lose_worker(worker, died=True)
+            ttl = now - self.settings.result_ttl
             for session, client in list(self._clients.items()):
-                if client.gone_since is not None and now - client.gone_since > self.settings.client_grace:
+                expired = []
+                while client.results and client.results[0][2] < ttl:
+                    expired.append(client.results.popleft()[0])
+                if expired:
+                    log.info("%d results of client %s expired uncollected", len(expired), session[:12])
+                    if self._journal is not None:
+                        self._journal.expired(session, expired)
+                # With a journal, a client that went away keeps its jobs and
+                # results (until they expire), and its session for as long:
+                # it may be coming back after a broker restart.
+                if self._journal is None:
+                    gone = client.gone_since is not None and now - client.gone_since > self.settings.client_grace
+                else:
+                    gone = (client.gone_since is not None and now - client.gone_since > self.settings.result_ttl
+                            and not (client.jobs or client.results))
+                if gone:
                     self._drop_client(session)
             if not self.shutdown_event.is_set():
                 return False
@@ -602,10 +757,10 @@ class Broker:
             backing_off = sum(1 for _, i in self._delayed
                               if (job := self._jobs.get(i)) is not None and job.worker is None)
             workers = [{
-                "id": w.id, "host": w.host, "pid": w.pid, "procs": w.procs,
+                "id": w.id, "host": w.host, "address": w.address, "pid": w.pid, "procs": w.procs,
                 "running": len(w.running), "queued": len(w.held - w.running),
                 "done": w.done, "failed": w.failed, "lost": w.lost,
-                "timed_out": w.timed_out, "retried": w.retried,
+                "timed_out": w.timed_out, "retried": w.retried, **w.versions,
                 "last_seen": w.last_seen,
             } for w in self._workers.values()]
             return {
@@ -615,21 +770,24 @@ class Broker:
                 "done": self._done,
                 "failed": self._failed,
                 "clients": len(self._clients),
+                "results": sum(len(c.results) for c in self._clients.values()),   # not yet collected
                 "shutting_down": self.shutdown_event.is_set(),
             }
 
 
 def serve(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
-          settings: Settings = SETTINGS) -> None:
+          settings: Settings = SETTINGS, journal: str | None = None) -> None:
     """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
 
     The manager server runs in this process (its threads serve connections);
     this thread waits on the cluster's shutdown event and does the upkeep.
+    With ``journal`` (a path), state is kept in, and first loaded from, that
+    SQLite file.
     """
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
-    broker = Broker(settings)
+    broker = Broker(settings, Journal(journal) if journal else None)
     server = BrokerServer(broker, address, authkey)
     server.start()
     try:

@@ -38,7 +38,7 @@ from . import __version__
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
 from .protocol import Delivery, Options, Status, Submission, digest, dumps, loads, unpack_exception
-from .transport import connect
+from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")
 
@@ -116,6 +116,12 @@ def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
             raise TypeError("priority must be an int")
         changes["priority"] = priority
     return base._replace(**changes)
+
+
+class _Forgotten(MpqueueError):
+    """Raised on reconnecting to a broker that no longer knows the client
+    (not `BrokerUnavailable`: that would be retried); its futures fail with
+    `BrokerUnavailable`."""
 
 
 class JobFuture(concurrent.futures.Future):
@@ -196,12 +202,15 @@ class Client(_Submitter, concurrent.futures.Executor):
     core) that lives as long as this client. ``authkey`` defaults to
     ``$MPQUEUE_AUTHKEY``, then to the key file the broker wrote on this host.
     ``max_pending`` bounds how many of this client's jobs are queued or running
-    at once: `submit` blocks for a free slot. The other keywords are default
-    job options, as for `options`.
+    at once: `submit` blocks for a free slot. If the broker goes away, the
+    client tries to reconnect for ``reconnect_timeout`` seconds (default
+    ``$MPQUEUE_RECONNECT_TIMEOUT``, else 60) with its futures still pending.
+    The other keywords are default job options, as for `options`.
     """
 
     def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
-                 max_pending: int | None = None, **options: Any):
+                 max_pending: int | None = None, reconnect_timeout: float | None = None,
+                 **options: Any):
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self._client = self
@@ -225,7 +234,12 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._seq = itertools.count(1)
         self._closed = False
         self._failure: BaseException | None = None
+        self._ack = self._acked = 0     # the last result number received, and acknowledged
         self._broker, _ = connect(self.address, authkey)
+        if reconnect_timeout is None:
+            # Nobody restarts a private cluster's broker: no point waiting for one.
+            reconnect_timeout = 0 if self._cluster else SETTINGS.reconnect_timeout
+        self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout)
         try:
             self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
         except BaseException:
@@ -328,8 +342,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             unsent = {sub.seq for sub, _ in self._outbox} & wanted
             self._outbox = [(sub, blob) for sub, blob in self._outbox if sub.seq not in unsent]
         sent = [f for f in futures if f._seq not in unsent and not f.done()]
-        verdicts = dict(zip((f._seq for f in sent),
-                            self._broker.cancel(self.session, [f._seq for f in sent], force) if sent else []))
+        verdicts = dict(zip((f._seq for f in sent), self._link.call(
+            self._broker.cancel, self.session, [f._seq for f in sent], force) if sent else []))
         withdrawn = [f for f in futures if f._seq in unsent or verdicts.get(f._seq, False)]
         with self._lock:
             for future in withdrawn:
@@ -378,9 +392,9 @@ class Client(_Submitter, concurrent.futures.Executor):
         """Send a batch of jobs to the broker (``_sending`` is set). False if it is gone."""
         functions = {sub.fn: blob for sub, blob in batch}
         try:
-            self._broker.submit(self.session, [sub for sub, _ in batch], functions)
+            self._link.call(self._broker.submit, self.session, [sub for sub, _ in batch], functions)
             return True
-        except BrokerUnavailable as e:
+        except MpqueueError as e:
             self._fail(e)
             return False
         finally:
@@ -389,26 +403,67 @@ class Client(_Submitter, concurrent.futures.Executor):
                 self._lock.notify_all()
 
     def _collect_loop(self) -> None:
-        ack = acked = 0
         try:
             while True:
                 with self._lock:
-                    while not self._futures and ack == acked and not self._closed and self._failure is None:
+                    while (not self._futures and self._ack == self._acked and not self._closed
+                           and self._failure is None):
                         self._lock.wait()
                     if self._failure is not None:
                         return
-                    if not self._futures and ack == acked:
+                    if not self._futures and self._ack == self._acked:
                         return      # closed, and everything collected and acknowledged
                     wait = SETTINGS.wait_slice if self._futures else 0
-                batch = self._broker.collect(self.session, ack, wait)
-                acked = ack
+                ack = self._ack
+                batch = self._link.call(self._broker.collect, self.session, ack, wait)
+                self._acked = ack
                 for number, delivery in batch:
                     self._resolve(delivery)
-                    ack = number
-        except BrokerUnavailable as e:
+                    self._ack = number
+        except MpqueueError as e:
             self._fail(e)
         finally:
             self._leave()
+
+    def _rejoin(self) -> None:
+        """Register again with a broker that came back.
+
+        One with a journal knows this client still, and says which of the
+        jobs it was sent it no longer has (a journal restored from a backup,
+        or that lost its last writes to a power failure): those fail. One
+        that does not know the client has lost every job it was sent.
+        """
+        with self._lock:
+            unsent = {sub.seq for sub, _ in self._outbox}
+            pending = [seq for seq in self._futures if seq not in unsent]
+        info = {"version": __version__, "pid": os.getpid()}
+        reply = self._broker.register(self.session, "client", {**info, "resume": True, "pending": pending})
+        where = format_address(self.address)
+        if reply["known"]:
+            if reply["missing"]:
+                self._lose(reply["missing"], BrokerUnavailable(
+                    f"the broker at {where} came back without this job (its journal lost it)"))
+            return
+        if pending:
+            raise _Forgotten(
+                f"the broker at {where} no longer knows this client (it restarted without a "
+                f"journal, or forgot a client away longer than {SETTINGS.client_grace:g} s): its "
+                f"{len(pending)} pending job(s) are lost (start the broker with --journal to keep "
+                "jobs across restarts)")
+        # Nothing was lost: carry on with this broker, numbering results afresh.
+        self._broker.register(self.session, "client", info)
+        self._ack = self._acked = 0
+
+    def _lose(self, seqs: list[int], error: BaseException) -> None:
+        with self._lock:
+            futures = [f for seq in seqs if (f := self._futures.pop(seq, None)) is not None]
+            self._lock.notify_all()
+        for future in futures:
+            if not future.done():
+                try:
+                    future.set_exception(error)
+                except concurrent.futures.InvalidStateError:
+                    pass
 
     def _resolve(self, delivery: Delivery) -> None:
         with self._lock:
@@ -427,26 +482,21 @@ class Client(_Submitter, concurrent.futures.Executor):
             future.set_exception(e)
 
     def _fail(self, error: BaseException) -> None:
-        """The broker is gone: every pending future fails with ``error``."""
+        """The broker is gone, or refused us: every pending future fails with ``error``."""
+        if isinstance(error, _Forgotten):
+            error = BrokerUnavailable(str(error))
         with self._lock:
             if self._failure is None:
                 self._failure = error
-            futures = list(self._futures.values())
-            self._futures.clear()
-            self._lock.notify_all()
-        for future in futures:
-            if not future.done():
-                try:
-                    future.set_exception(error)
-                except concurrent.futures.InvalidStateError:
-                    pass
+            seqs = list(self._futures)
+        self._lose(seqs, error)
 
     def _leave(self) -> None:
         self._sender.join()
         if self._failure is None:
             try:
                 self._broker.goodbye(self.session)
-            except BrokerUnavailable:
+            except MpqueueError:
                 pass
         self._broker.close()
         if self._cluster is not None:

@@ -134,7 +134,8 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
             if address is None:
                 self._cluster = LocalCluster()
                 try:
-                    client = Client(format_address(self._cluster.address), authkey=self._cluster.authkey)
+                    client = Client(format_address(self._cluster.address), authkey=self._cluster.authkey,
+                                    reconnect_timeout=0)
                 except BaseException:
                     self._cluster.stop()
                     self._cluster = None

@@ -35,7 +35,7 @@ from . import __version__
 from .config import SETTINGS, format_address
 from .errors import AuthenticationError, BrokerUnavailable
 from .pool import ProcessPool
-from .transport import connect
+from .transport import VERSIONS, Reconnecting, connect, reach_broker
 
 log = logging.getLogger("mpqueue.worker")
 
@@ -57,36 +57,17 @@ def capacity(procs: int, job_seconds: float | None) -> int:
     return procs * (1 + max(1, min(MAX_PREFETCH, per_proc)))
 
 
-def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait):
-    """Make ``first_call()`` succeed, retrying with backoff while the broker is not up."""
-    deadline = time.monotonic() + wait
-    delay = 0.05
-    said = False
-    while True:
-        try:
-            return first_call()
-        except AuthenticationError:
-            raise
-        except BrokerUnavailable as e:
-            if time.monotonic() + delay > deadline:
-                raise BrokerUnavailable(
-                    f"no broker at {format_address(address)} after {wait:.0f} s ({e})") from None
-            if not said:
-                log.info("waiting for the broker at %s (up to %.0f s)...", format_address(address), wait)
-                said = True
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-
 class Worker:
     def __init__(self, address: tuple[str, int], authkey: bytes, procs: int, *,
-                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None):
+                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
+                 reconnect_timeout: float = SETTINGS.reconnect_timeout):
         self.address = address
         self.procs = procs
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
         self.id = uuid.uuid4().hex[:12]
         self.broker, _ = connect(address, authkey)
+        self._link = Reconnecting(address, self._rejoin, reconnect_timeout)
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
         self._in_hand = 0                   # fetched and not yet finished
@@ -101,6 +82,8 @@ class Worker:
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
         self._heartbeat = SETTINGS.heartbeat_interval
+        self._broker_id: str | None = None     # which broker we registered with
+        self._orphans: set[int] = set()         # running jobs the broker no longer knows: not reported
         self._failure: BrokerUnavailable | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -159,7 +142,10 @@ class Worker:
                 self._note_running(pool)
                 self._capacity = capacity(self.procs, pool.job_seconds)
             if unstarted:       # other workers can run them while ours finish
-                self.broker.release(self.id, unstarted)
+                try:
+                    self.broker.release(self.id, unstarted)
+                except BrokerUnavailable:
+                    pass        # a broker that comes back has them queued again
                 continue
             outcomes, again = pool.wait(None, self._wake_r)
             self._drain_wakeups()
@@ -171,6 +157,9 @@ class Worker:
                 with self._lock:
                     self._finished.extend(o.id for o in outcomes)
                     self._in_hand -= len(outcomes)
+                    if self._orphans:
+                        outcomes = [o for o in outcomes if o.id not in self._orphans]
+                        self._orphans.difference_update(self._finished)
                     self._note_running(pool)
                     running = self._running
                     # Gone idle: report from here at once, sparing the latency
@@ -179,8 +168,8 @@ class Worker:
                     if not direct:
                         self._outbox.extend(outcomes)
                     self._lock.notify_all()
-                if direct and not self._report_now(outcomes, running):
-                    return
+                if direct and outcomes:
+                    self._report_now(outcomes, running)
 
     def _note_running(self, pool: ProcessPool) -> None:
         """Record which jobs run now (lock held), versioned so that the broker
@@ -189,15 +178,13 @@ class Worker:
         if ids != self._running[1]:
             self._running = (self._running[0] + 1, ids)
 
-    def _report_now(self, outcomes: list, running: tuple[int, list[int]]) -> bool:
+    def _report_now(self, outcomes: list, running: tuple[int, list[int]]) -> None:
         try:
             self.broker.report(self.id, outcomes, running)
-            return True
-        except BrokerUnavailable as e:
-            with self._lock:
-                self._failure = self._failure or e
-                self._stop = 2
-            return False
+        except BrokerUnavailable:
+            with self._lock:    # the report thread holds them until it reconnects
+                self._outbox[:0] = outcomes
+                self._lock.notify_all()
 
     def _take_batch(self, pool: ProcessPool, child) -> list:
         """The next jobs for one child: several of one function if it is short."""
@@ -231,27 +218,63 @@ class Worker:
         finally:
             self._wake()
 
-    def _register(self) -> None:
+    def _register(self, running: list[int] | tuple = ()) -> None:
         reply = self.broker.register(self.id, "worker", {
+            "running": running, "broker_id": self._broker_id,
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
-            "version": __version__})
+            "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
         self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
+        self._broker_id = reply["broker_id"]
+        if reply["new"]:
+            # A different broker (restarted without its journal): the job ids
+            # we hold mean nothing to it, or another job.
+            with self._lock:
+                dropped, self._outbox = len(self._outbox), []
+            log.warning("the broker at %s is a new one: dropping %d results it cannot want",
+                        format_address(self.address), dropped)
+        if reply["unknown"]:
+            # Jobs the broker no longer has (it restarted without a journal,
+            # or they were finished elsewhere): nobody wants their results.
+            log.info("stopping %d running jobs the broker no longer knows", len(reply["unknown"]))
+            with self._lock:
+                self._orphans.update(reply["unknown"])
+                self._requests.extend((job_id, True) for job_id in reply["unknown"])
+            self._wake()
+
+    def _rejoin(self) -> None:
+        """Register again, with a broker that restarted or that presumed us lost.
+
+        Jobs fetched and not started are dropped: that broker has queued them
+        again. Running ones are named, so that it leaves them with us.
+        """
+        with self._lock:
+            self._in_hand -= len(self._inbox)
+            self._inbox.clear()
+            running, results = list(self._running[1]), len(self._outbox)
+            self._lock.notify_all()
+        self._register(running)
+        log.info("rejoined the broker with %d jobs running and %d results to deliver", len(running), results)
 
     def _fetch_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and self._in_hand >= self._capacity:
-                    self._lock.wait()
+                # Even when full, ask every wait slice (for nothing, without
+                # waiting): a worker the broker presumed lost, its link cut
+                # and restored, learns it here and rejoins while its jobs run.
+                full_until = time.monotonic() + SETTINGS.wait_slice
+                while (not self._stop and self._in_hand >= self._capacity
+                       and (left := full_until - time.monotonic()) > 0):
+                    self._lock.wait(left)
                 if self._stop:
                     return
-                room = self._capacity - self._in_hand
+                room = max(0, self._capacity - self._in_hand)
             try:
-                reply = self.broker.fetch(self.id, room, SETTINGS.wait_slice)
+                reply = self._link.call(self.broker.fetch, self.id, room, SETTINGS.wait_slice if room else 0)
             except LookupError:
                 if self._stop:
                     return
                 log.warning("the broker presumed this worker lost (silent too long); rejoining")
-                self._register()
+                self._link.call(self._rejoin)
                 continue
             if reply is None:
                 return      # the cluster is shutting down: the watch thread stops us
@@ -291,7 +314,7 @@ class Worker:
     def _control_loop(self) -> None:
         answers: dict[int, bool] = {}
         while True:
-            requests = self.broker.control(self.id, SETTINGS.wait_slice, answers)
+            requests = self._link.call(self.broker.control, self.id, SETTINGS.wait_slice, answers)
             if requests is None:
                 log.info("the cluster is shutting down: finishing running jobs")
                 self.stop()
@@ -313,7 +336,7 @@ class Worker:
                 outcomes, self._outbox = self._outbox, []
                 running = self._running
                 last = not self._reporting and not outcomes
-            self.broker.report(self.id, outcomes, running)
+            self._link.call(self.broker.report, self.id, outcomes, running)
             beat = time.monotonic() + self._heartbeat
             if last:
                 return
@@ -325,6 +348,8 @@ class Worker:
         with self._lock:
             self._stop = max(self._stop, 2 if cold else 1)
             self._lock.notify_all()
+        if cold:
+            self._link.abandon()
         self._wake()
 
     def _install_signals(self) -> None:

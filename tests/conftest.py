@@ -22,7 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mpqueue import Client
+# Whatever a test leaves reconnecting to a broker it killed gives up soon:
+# set before mpqueue reads its settings, for this process and all it starts.
+os.environ["MPQUEUE_RECONNECT_TIMEOUT"] = "3"
+
+from mpqueue import Client  # noqa: E402
 
 TAG = "MPQUEUE_TEST_TAG"
 

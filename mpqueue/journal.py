@@ -1,0 +1,175 @@
+"""The broker's durable state: a SQLite database in WAL mode.
+
+With ``mpqueue broker --journal PATH``, every change the broker makes to a
+job, a result or a client's session is written here within the call that
+made it, and committed (one transaction per call, so per batch of submits,
+fetches or results) before the broker answers. A broker killed and restarted
+on the same file comes back with every job that was submitted and not yet
+delivered:
+
+* queued jobs are queued again, in their order;
+* jobs a worker held are queued again too: their lease is counted as an
+  attempt (a worker that reconnects still running one takes it back);
+* results wait for their client, under the numbers it acknowledges them by;
+* each client's highest job number, so that a batch a client sends again
+  after a reconnect is not queued twice.
+
+Commits use ``synchronous=NORMAL``: they survive the broker process dying
+(``kill -9``, a crash), not the machine losing power. The file is never
+closed on purpose: every commit is complete on its own, and a call served
+while the broker exits must not be answered as if it were stored.
+
+Payloads stay opaque bytes, as everywhere in the broker. The few plain
+values of ours stored with them (options, failure details) are pickled with
+the standard library, in a file only the broker's user may read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import sqlite3
+import uuid
+from typing import Any, Iterable
+
+from .errors import ConfigError
+from .protocol import Delivery, Options, Status
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
+CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL);
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
+    payload BLOB NOT NULL, chunked INTEGER NOT NULL, options BLOB NOT NULL,
+    attempts INTEGER NOT NULL, deaths INTEGER NOT NULL);
+CREATE TABLE results (
+    client TEXT NOT NULL, number INTEGER NOT NULL, seq INTEGER NOT NULL, status INTEGER NOT NULL,
+    payload BLOB NOT NULL, attempts INTEGER NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (client, number));
+"""
+
+
+class Journal:
+    """Write-through storage of the broker's jobs, results and sessions.
+
+    The broker calls it with its own lock held, so one connection serves
+    every thread. Changes accumulate in an open transaction until `commit`.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            # Held open for the broker's life: a second broker on the same
+            # file would hand out the same jobs.
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock_fd)
+                raise ConfigError(f"journal {path} is in use by another broker") from None
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            # Fold the log back into the database every ~40 MB rather than
+            # every 4 MB: large payloads pass through it once, not twice.
+            self._db.execute("PRAGMA wal_autocheckpoint=10000")
+            tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables:
+                self._db.executescript(_SCHEMA)
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?), ('next_id', 1), ('id', ?)",
+                                 (SCHEMA_VERSION, uuid.uuid4().hex))
+                self._db.commit()
+            elif "meta" not in tables:
+                raise ConfigError(f"journal {path} is an SQLite database, but not an mpqueue journal")
+            else:
+                version = self._meta("schema")
+                if version != SCHEMA_VERSION:
+                    raise ConfigError(f"journal {path} has schema version {version}; this mpqueue "
+                                      f"reads version {SCHEMA_VERSION}")
+                (check,), = self._db.execute("PRAGMA quick_check").fetchall()
+                if check != "ok":
+                    raise ConfigError(f"journal {path} is damaged: {check}")
+        except sqlite3.Error as e:
+            raise ConfigError(f"cannot use journal {path}: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot open journal {path}: {e.strerror or e}") from None
+
+    def _meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    # -- reading it back at start -----------------------------------------
+
+    def load(self) -> dict:
+        """Everything stored: ``id`` (the journal's own), ``next_id``, ``functions`` {digest: blob},
+        ``clients`` {session: max_seq}, ``jobs`` (rows in id order) and
+        ``results`` (client, number, Delivery, created) in number order."""
+        try:
+            jobs = [(i, client, seq, fn, payload, bool(chunked), Options(*pickle.loads(options)),
+                     attempts, deaths)
+                    for i, client, seq, fn, payload, chunked, options, attempts, deaths
+                    in self._db.execute("SELECT * FROM jobs ORDER BY id")]
+            results = [(client, number, Delivery(seq, Status(status), pickle.loads(payload), attempts), created)
+                       for client, number, seq, status, payload, attempts, created
+                       in self._db.execute("SELECT * FROM results ORDER BY client, number")]
+            return {
+                "id": self._meta("id"),
+                "next_id": self._meta("next_id"),
+                "functions": dict(self._db.execute("SELECT digest, blob FROM functions")),
+                "clients": dict(self._db.execute("SELECT session, max_seq FROM clients")),
+                "jobs": jobs,
+                "results": results,
+            }
+        except (sqlite3.Error, pickle.UnpicklingError, TypeError, ValueError) as e:
+            raise ConfigError(f"cannot read journal {self.path}: {e}") from None
+
+    # -- changes ------------------------------------------------------------
+
+    def submitted(self, session: str, max_seq: int, next_id: int, jobs: list,
+                  functions: dict[bytes, bytes]) -> None:
+        """New jobs: rows of (id, seq, fn, payload, chunked, options)."""
+        db = self._db
+        db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?)", functions.items())
+        db.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
+                       [(i, session, seq, fn, payload, chunked, pickle.dumps(tuple(options)))
+                        for i, seq, fn, payload, chunked, options in jobs])
+        db.execute("INSERT INTO clients VALUES (?, ?) ON CONFLICT(session) DO UPDATE SET max_seq = ?",
+                   (session, max_seq, max_seq))
+        db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id,))
+
+    def attempts(self, rows: Iterable[tuple[int, int, int]]) -> None:
+        """Jobs' (attempts, deaths, id): leased, or given back."""
+        self._db.executemany("UPDATE jobs SET attempts = ?, deaths = ? WHERE id = ?", rows)
+
+    def forgotten(self, job_id: int) -> None:
+        """A job is over: finished, cancelled, or its client gone."""
+        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def result(self, session: str, number: int, delivery: Delivery, created: float) -> None:
+        """A finished job's result, waiting for its client."""
+        self._db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (session, number, delivery.seq, int(delivery.status),
+                          pickle.dumps(delivery.payload, protocol=5), delivery.attempts, created))
+
+    def unused(self, fn: bytes) -> None:
+        self._db.execute("DELETE FROM functions WHERE digest = ?", (fn,))
+
+    def acknowledged(self, session: str, number: int) -> None:
+        """The client has its results numbered up to ``number``."""
+        self._db.execute("DELETE FROM results WHERE client = ? AND number <= ?", (session, number))
+
+    def expired(self, session: str, numbers: list[int]) -> None:
+        self._db.executemany("DELETE FROM results WHERE client = ? AND number = ?",
+                             [(session, n) for n in numbers])
+
+    def client_gone(self, session: str) -> None:
+        self._db.execute("DELETE FROM results WHERE client = ?", (session,))
+        self._db.execute("DELETE FROM clients WHERE session = ?", (session,))
+
+    def commit(self) -> None:
+        if self._db.in_transaction:
+            self._db.commit()

@@ -1,0 +1,162 @@
+"""A broker that dies: the journal, and workers and clients that reconnect.
+
+The chaos tests keep a ledger: every job appends its id to a file when it
+runs, and the client (a separate process, so that it can be frozen) writes
+the results it got. Whatever is killed, every id must be in the ledger and
+every future must have its result.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import kill_tree, logs, read_line
+
+JOBS = 40
+#: Long enough for a broker to come back on a busy machine.
+RECONNECT = {"MPQUEUE_RECONNECT_TIMEOUT": "60"}
+
+CLIENT = r"""
+import json, os, sys, time
+from mpqueue import Client
+
+def job(i, ledger):
+    time.sleep(0.05)
+    with open(ledger, "a") as f:    # one short append per line: atomic
+        f.write(f"{i}\n")
+    return i * i
+
+address, ledger, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+with Client(address) as client:
+    futures = [client.submit(job, i, ledger) for i in range(n)]
+    print("submitted", flush=True)
+    results = [f.result(120) for f in futures]
+with open(out, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def start_client(cluster, n: int = JOBS) -> subprocess.Popen:
+    script = cluster.tmp_path / "client.py"
+    script.write_text(CLIENT)
+    client = cluster.popen([sys.executable, str(script), cluster.address, str(cluster.tmp_path / "ledger"),
+                            str(n), str(cluster.tmp_path / "results.json")], "client", stdout=subprocess.PIPE,
+                           env=RECONNECT)
+    assert read_line(client.stdout, 30).strip() == "submitted"
+    return client
+
+
+def restart_broker(cluster, journal) -> None:
+    """kill -9 the broker, then start it again on the same port and journal."""
+    port = cluster.address.rsplit(":", 1)[1]
+    cluster.broker.kill()
+    cluster.broker.wait(10)
+    cluster.start_broker("--journal", str(journal), "--port", port)
+
+
+def check_ledger(cluster, client: subprocess.Popen, n: int = JOBS) -> None:
+    assert client.wait(90) == 0, logs(client)
+    assert json.loads((cluster.tmp_path / "results.json").read_text()) == [i * i for i in range(n)]
+    ran = {int(line) for line in (cluster.tmp_path / "ledger").read_text().split()}
+    assert ran == set(range(n))
+
+
+@pytest.fixture
+def durable(empty):
+    journal = empty.tmp_path / "journal.db"
+    empty.start_broker("--journal", str(journal))
+    empty.journal = journal
+    return empty
+
+
+def test_jobs_queued_before_any_worker_survive_a_broker_kill(durable):
+    client = start_client(durable)
+    durable.wait_for(lambda s: s["queued"] == JOBS, "every job to reach the broker")
+    restart_broker(durable, durable.journal)
+    assert durable.status()["queued"] == JOBS
+    durable.start_worker(2, env=RECONNECT)
+    check_ledger(durable, client)
+
+
+def test_broker_and_worker_killed_mid_run_lose_nothing(durable):
+    first = durable.start_worker(2, env=RECONNECT)
+    client = start_client(durable)
+    durable.wait_for(lambda s: s["done"] >= JOBS // 4, "a quarter of the jobs to finish")
+    restart_broker(durable, durable.journal)
+    kill_tree(first.pid)
+    durable.start_worker(2, env=RECONNECT)
+    check_ledger(durable, client)
+    assert "Traceback" not in logs(client)
+
+
+def test_results_not_yet_collected_survive_a_broker_kill(durable):
+    worker = durable.start_worker(2, env=RECONNECT)
+    client = start_client(durable)
+    durable.wait_for(lambda s: s["queued"] + s["running"] + s["done"] == JOBS, "every job to reach the broker")
+    client.send_signal(signal.SIGSTOP)      # a frozen client collects nothing
+    try:
+        durable.wait_for(lambda s: s["done"] == JOBS, "every job to finish", timeout=30)
+        assert durable.status()["results"] > 0
+        restart_broker(durable, durable.journal)
+        assert durable.status()["results"] > 0
+    finally:
+        client.send_signal(signal.SIGCONT)
+    check_ledger(durable, client)
+    # The worker held on through the restart, and says so in one line each way.
+    durable.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
+    log = logs(worker)
+    assert "reconnecting" in log and "rejoined" in log and "Traceback" not in log
+
+
+def test_a_broker_restarted_without_a_journal_fails_the_futures_it_lost(cluster):
+    cluster.start_worker(1, env=RECONNECT)
+    client = cluster.client(reconnect_timeout=60)
+    future = client.submit(time.sleep, 60)
+    cluster.wait_for(lambda s: s["running"] == 1, "the job to run")
+    port = cluster.address.rsplit(":", 1)[1]
+    cluster.broker.kill()
+    cluster.start_broker("--port", port)
+    with pytest.raises(Exception, match="restarted without a journal") as info:
+        future.result(30)
+    assert type(info.value).__name__ == "BrokerUnavailable"
+    # The worker is still there, serving the new broker.
+    cluster.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
+    assert cluster.client().submit(abs, -3).result(30) == 3
+
+
+def test_uncollected_results_expire_after_the_result_ttl(empty):
+    journal = empty.tmp_path / "journal.db"
+    empty.start_broker("--journal", str(journal), "--result-ttl", "2")
+    empty.start_worker(1)
+    client = start_client(empty, n=3)
+    empty.wait_for(lambda s: s["queued"] + s["running"] + s["done"] == 3, "the jobs to reach the broker")
+    kill_tree(client.pid)        # it will never collect
+    empty.wait_for(lambda s: s["done"] == 3, "the jobs to finish")
+    empty.wait_for(lambda s: s["results"] == 0 and s["clients"] == 0, "the results to expire", timeout=15)
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT count(*) FROM results").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not a database at all" * 100, "file is not a database"),
+    (None, "not an mpqueue journal"),
+], ids=["garbage", "another-sqlite-database"])
+def test_a_bad_journal_is_refused_at_start(empty, content, message):
+    path = empty.tmp_path / "journal.db"
+    if content is None:
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE something (other)")
+    else:
+        path.write_bytes(content)
+    result = empty.run("broker", "--port", "0", "--journal", str(path), timeout=15)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
