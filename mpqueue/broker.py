@@ -241,11 +241,11 @@ class Broker:
             if not known and info.get("resume"):
                 return {"known": False}
             client = self._client(session)
-            # Jobs it sent and is still waiting for that this broker has
-            # neither queued nor finished: lost with a journal's last writes.
+            # Jobs it had sent (and we confirmed) that this broker has neither
+            # queued nor finished: lost with a journal's last writes, or with
+            # a journal restored from an older copy.
             finished = {delivery.seq for _, delivery, _ in client.results}
-            missing = [seq for seq in info.get("pending", ())
-                       if seq <= client.max_seq and seq not in client.jobs and seq not in finished]
+            missing = [seq for seq in info.get("pending", ()) if seq not in client.jobs and seq not in finished]
             return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
                     "missing": missing}
 

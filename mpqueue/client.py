@@ -230,6 +230,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._futures: dict[int, JobFuture] = {}
         self._outbox: list[tuple[Submission, bytes]] = []
         self._sending = False
+        self._in_flight: set[int] = set()  # the jobs of the batch being sent
         self._last_submit = 0.0
         self._seq = itertools.count(1)
         self._closed = False
@@ -391,6 +392,7 @@ class Client(_Submitter, concurrent.futures.Executor):
     def _ship(self, batch: list[tuple[Submission, bytes]]) -> bool:
         """Send a batch of jobs to the broker (``_sending`` is set). False if it is gone."""
         functions = {sub.fn: blob for sub, blob in batch}
+        self._in_flight = {sub.seq for sub, _ in batch}
         try:
             self._link.call(self._broker.submit, self.session, [sub for sub, _ in batch], functions)
             return True
@@ -400,6 +402,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         finally:
             with self._lock:
                 self._sending = False
+                self._in_flight = set()
                 self._lock.notify_all()
 
     def _collect_loop(self) -> None:
@@ -429,12 +432,14 @@ class Client(_Submitter, concurrent.futures.Executor):
         """Register again with a broker that came back.
 
         One with a journal knows this client still, and says which of the
-        jobs it was sent it no longer has (a journal restored from a backup,
+        jobs it confirmed it no longer has (a journal restored from a backup,
         or that lost its last writes to a power failure): those fail. One
-        that does not know the client has lost every job it was sent.
+        that does not know the client has lost every job it was sent. (Jobs
+        not sent yet, or in a batch whose sending was cut short, are sent
+        after this.)
         """
         with self._lock:
-            unsent = {sub.seq for sub, _ in self._outbox}
+            unsent = {sub.seq for sub, _ in self._outbox} | self._in_flight
             pending = [seq for seq in self._futures if seq not in unsent]
         info = {"version": __version__, "pid": os.getpid()}
         reply = self._broker.register(self.session, "client", {**info, "resume": True, "pending": pending})

@@ -14,10 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import cloudpickle
 import pytest
 
 from conftest import kill_tree, logs, read_line
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 JOBS = 40
 #: Long enough for a broker to come back on a busy machine.
@@ -41,6 +45,12 @@ with Client(address) as client:
 with open(out, "w") as f:
     json.dump(results, f)
 """
+
+
+def wait_for(path: Path, value):
+    while not path.exists():
+        time.sleep(0.01)
+    return value
 
 
 def start_client(cluster, n: int = JOBS) -> subprocess.Popen:
@@ -129,6 +139,52 @@ def test_a_broker_restarted_without_a_journal_fails_the_futures_it_lost(cluster)
     # The worker is still there, serving the new broker.
     cluster.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
     assert cluster.client().submit(abs, -3).result(30) == 3
+
+
+def test_an_idle_client_carries_on_with_a_broker_restarted_without_a_journal(cluster):
+    cluster.start_worker(1, env=RECONNECT)
+    client = cluster.client(reconnect_timeout=60)
+    assert client.submit(abs, -1).result(30) == 1
+    port = cluster.address.rsplit(":", 1)[1]
+    cluster.broker.kill()
+    cluster.start_broker("--port", port)
+    cluster.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
+    assert [f.result(30) for f in [client.submit(abs, -i) for i in range(20)]] == list(range(20))
+    client.shutdown()
+
+
+def test_jobs_a_journal_lost_fail_and_the_rest_complete(durable):
+    """A journal restored from a backup older than some jobs: those fail, clearly."""
+    backup = durable.tmp_path / "backup.db"
+    durable.start_worker(1, env=RECONNECT)
+    client = durable.client(reconnect_timeout=60)
+    go = durable.tmp_path / "go"
+    before = client.submit(wait_for, go, "before")
+    durable.wait_for(lambda s: s["running"] == 1, "the first job to run")
+    with sqlite3.connect(durable.journal) as db, sqlite3.connect(backup) as copy:
+        db.backup(copy)
+    after = client.submit(abs, -2)
+    durable.wait_for(lambda s: s["queued"] + s["done"] >= 1, "the second job to reach the broker")
+    port = durable.address.rsplit(":", 1)[1]
+    durable.broker.kill()
+    durable.broker.wait(10)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{durable.journal}{suffix}").unlink(missing_ok=True)
+    backup.rename(durable.journal)
+    durable.start_broker("--journal", str(durable.journal), "--port", port)
+    go.touch()
+    assert before.result(30) == "before"
+    with pytest.raises(Exception, match="its journal lost it") as info:
+        after.result(30)
+    assert type(info.value).__name__ == "BrokerUnavailable"
+    assert client.submit(abs, -3).result(30) == 3
+    client.shutdown()
+
+
+def test_a_journal_in_use_is_refused(durable):
+    result = durable.run("broker", "--port", "0", "--journal", str(durable.journal), timeout=15)
+    assert result.returncode == 1
+    assert "in use by another broker" in result.stderr
 
 
 def test_uncollected_results_expire_after_the_result_ttl(empty):
