@@ -33,9 +33,10 @@ from collections import deque
 
 from . import __version__
 from .config import SETTINGS, format_address
-from .errors import AuthenticationError, BrokerUnavailable
+from .errors import BrokerUnavailable
 from .pool import ProcessPool
-from .transport import VERSIONS, Reconnecting, connect, reach_broker
+from .handshake import VERSIONS
+from .transport import Reconnecting, connect, reach_broker
 
 log = logging.getLogger("mpqueue.worker")
 

@@ -1,0 +1,320 @@
+"""How a connection to the broker is opened: TLS, then a mutual HMAC-SHA256
+challenge-response that also carries the versions pickles depend on.
+
+multiprocessing's own handshake is HMAC-MD5 on 3.10 and 3.11 (and 3.12+
+still accept it), and says nothing of versions. Ours runs, on the broker's
+side, in the connection's own thread, and on both ends within
+``SETTINGS.connect_timeout``: a silent peer holds up no one. Each message is
+a 4-byte length and JSON (nothing is unpickled before it succeeds)::
+
+    peer                                         broker
+    [TLS handshake: each checks the other's certificate against the CA]
+                               <- {"nonce": Nb}       sent at once
+    {"hello": "mpqueue", "mpqueue": "0.1.0", "python": "3.11",
+     "cloudpickle": "3.1.3", "nonce": Np} ->
+    {"proof": HMAC(key, "mpqueue client" hello challenge)} ->
+         <- {"ok": true, "proof": HMAC(key, "mpqueue broker" hello challenge)}
+            or {"refused": "authkey"}, {"refused": "version", its versions}
+
+(hello and challenge: the exact bytes of those two messages.) Without TLS, a
+peer sends its hello at once too; a TLS broker answers a plain one with
+{"refused": "tls"}. After the handshake, messages are multiprocessing's
+(length-prefixed pickles of the manager protocol), through `_Connection`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import logging
+import secrets
+import socket
+import ssl
+import struct
+import sys
+import time
+from multiprocessing import connection
+
+import cloudpickle
+
+from . import __version__
+from .config import SETTINGS, TLSFiles, format_address
+from .errors import AuthenticationError, BrokerUnavailable, ConfigError, VersionMismatch
+
+broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in its log
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+
+
+
+#: UTF-8 JSON, at most _MAX_FRAME. Nothing is unpickled before the handshake.
+_FRAME = struct.Struct("!i")
+_MAX_FRAME = 1024
+_TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake record)
+#: After the handshake, a message announcing more than this closes the
+#: connection (it is not read): a bad length cannot make us allocate gigabytes.
+MAX_MESSAGE = 1 << 30
+
+#: What a process tells the broker about itself when it connects. Pickles made
+#: with one Python minor version or cloudpickle major version may not load
+#: under another, so the broker refuses those mismatches; mpqueue's own
+#: version is for the messages only.
+VERSIONS = {"mpqueue": __version__, "python": "%d.%d" % sys.version_info[:2],
+            "cloudpickle": cloudpickle.__version__}
+
+
+class Refused(Exception):
+    """A connection failed the handshake; the text says why, for the broker's log."""
+
+
+def _describe(versions: dict) -> str:
+    return (f"Python {versions['python']}, cloudpickle {versions['cloudpickle']}, "
+            f"mpqueue {versions['mpqueue']}")
+
+
+def _compatible(versions: dict) -> bool:
+    return (versions["python"] == VERSIONS["python"]
+            and versions["cloudpickle"].split(".")[0] == VERSIONS["cloudpickle"].split(".")[0])
+
+
+def _proof(authkey: bytes, side: bytes, hello: bytes, challenge: bytes) -> str:
+    """HMAC-SHA256 over both nonces (in the two messages) and which side proves:
+    one side's proof is never valid as the other's."""
+    return hmac.new(authkey, b"mpqueue " + side + b"\0" + hello + b"\0" + challenge,
+                    hashlib.sha256).hexdigest()
+
+
+def _timeout(sock: socket.socket, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock.settimeout(left)
+
+
+def _peek(sock: socket.socket, deadline: float) -> bytes:
+    """The first byte the peer sent, left unread."""
+    _timeout(sock, deadline)
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        raise EOFError
+    return first
+
+
+def _send_frame(sock: socket.socket, message: dict) -> bytes:
+    data = json.dumps(message).encode()
+    sock.sendall(_FRAME.pack(len(data)) + data)
+    return data
+
+
+def _recv_frame(sock: socket.socket, deadline: float) -> tuple[bytes, dict]:
+    """One handshake message, as its bytes (what the proofs cover) and its object."""
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            _timeout(sock, deadline)
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+    size, = _FRAME.unpack(exactly(_FRAME.size))
+    if not 0 < size <= _MAX_FRAME:
+        raise Refused("not an mpqueue handshake")
+    data = exactly(size)
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        raise Refused("not an mpqueue handshake")
+    return data, message
+
+
+def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> connection.Connection:
+    """The broker's side of a new connection's handshake, within SETTINGS.connect_timeout.
+
+    With ``tls``, a TLS handshake first (which checks the peer's certificate).
+    Then we send our nonce at once, without waiting: a legacy multiprocessing
+    client (HMAC-MD5) expects its own challenge format and gives up on ours.
+    Raises `Refused` with the reason, having closed the socket.
+    """
+    deadline = time.monotonic() + SETTINGS.connect_timeout
+    try:
+        tune(sock)
+        if tls is not None:
+            if _peek(sock, deadline) != _TLS_RECORD:
+                # Read its hello first: closing on unread data would reset the
+                # connection, and it might not see our answer.
+                sock.recv(_MAX_FRAME + _FRAME.size)
+                _send_frame(sock, {"refused": "tls"})
+                raise Refused("it does not use TLS, and this broker requires it")
+            _timeout(sock, deadline)
+            sock = tls.wrap_socket(sock, server_side=True)     # bounded by that timeout
+        challenge = _send_frame(sock, {"nonce": secrets.token_hex(32)})
+        if tls is None and _peek(sock, deadline) == _TLS_RECORD:
+            raise Refused("it uses TLS, and this broker does not (see --tls-cert)")
+        hello, theirs = _recv_frame(sock, deadline)
+        if theirs.get("hello") != "mpqueue":
+            raise Refused("not an mpqueue handshake")
+        _, answer = _recv_frame(sock, deadline)
+        if not hmac.compare_digest(str(answer.get("proof")).encode(),
+                                   _proof(authkey, b"client", hello, challenge).encode()):
+            _send_frame(sock, {"refused": "authkey"})
+            raise Refused("wrong authkey")
+        theirs = {name: str(theirs.get(name)) for name in VERSIONS}
+        if not _compatible(theirs):
+            _send_frame(sock, {"refused": "version", **VERSIONS})
+            raise Refused(f"version mismatch: it runs {_describe(theirs)}; "
+                           f"this broker runs {_describe(VERSIONS)}")
+        _send_frame(sock, {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)})
+        sock.settimeout(None)
+        return _TLSConnection(sock) if tls is not None else _Connection(sock.detach())
+    except BaseException as e:
+        sock.close()
+        if isinstance(e, TimeoutError):
+            raise Refused(f"no handshake within {SETTINGS.connect_timeout:g} s") from None
+        if isinstance(e, ssl.SSLError):
+            reason = getattr(e, "verify_message", None) or e.reason or e
+            raise Refused(f"TLS handshake failed ({reason})") from None
+        if isinstance(e, (EOFError, ConnectionError)):
+            raise Refused("it closed the connection during the handshake") from None
+        if isinstance(e, OSError):
+            raise Refused(f"handshake failed ({e.strerror or e})") from None
+        raise
+
+
+def Client(address: tuple[str, int], authkey: bytes,
+           tls: ssl.SSLContext | None = None) -> connection.Connection:
+    """Connect and run the handshake (TLS first, with ``tls``), within
+    ``SETTINGS.connect_timeout``. Raises mpqueue's errors for a refusal."""
+    where = format_address(address)
+    deadline = time.monotonic() + SETTINGS.connect_timeout
+    sock = socket.create_connection(address, timeout=SETTINGS.connect_timeout)
+    try:
+        tune(sock)
+        mine = {"hello": "mpqueue", **VERSIONS, "nonce": secrets.token_hex(32)}
+        if tls is None:
+            hello = _send_frame(sock, mine)     # at once: a TLS broker answers it with a refusal
+            challenge, message = _recv_frame(sock, deadline)
+            if message.get("refused") == "tls":
+                raise ConfigError(
+                    f"the broker at {where} requires TLS: give this process the cluster's "
+                    "certificates (--tls-cert, --tls-key, --tls-ca, or MPQUEUE_TLS_CERT, _KEY, _CA)")
+        else:
+            _timeout(sock, deadline)
+            sock = tls.wrap_socket(sock, server_hostname=address[0])
+            # Read first: with TLS 1.3 the broker checks our certificate after
+            # our handshake returns, and its refusal arrives here.
+            challenge, _ = _recv_frame(sock, deadline)
+            hello = _send_frame(sock, mine)
+        _send_frame(sock, {"proof": _proof(authkey, b"client", hello, challenge)})
+        _, verdict = _recv_frame(sock, deadline)
+        if verdict.get("refused") == "authkey":
+            raise AuthenticationError(
+                f"authentication with the broker at {where} failed: this process and the broker "
+                "hold different authkeys (check MPQUEUE_AUTHKEY)")
+        if verdict.get("refused") == "version":
+            theirs = {name: str(verdict.get(name)) for name in VERSIONS}
+            raise VersionMismatch(
+                f"the broker at {where} runs {_describe(theirs)}, and this process runs "
+                f"{_describe(VERSIONS)}: pickles do not cross Python minor versions or cloudpickle "
+                "major versions; install the same ones on every host")
+        if not hmac.compare_digest(str(verdict.get("proof")).encode(),
+                                   _proof(authkey, b"broker", hello, challenge).encode()):
+            raise AuthenticationError(f"the process at {where} could not prove it holds the "
+                                      "authkey: it is not the broker you meant")
+        sock.settimeout(None)
+        return _TLSConnection(sock) if tls is not None else _Connection(sock.detach())
+    except BaseException as e:
+        sock.close()
+        # A TLS refusal, not a broker closing mid-handshake (which may be busy, or restarting).
+        if isinstance(e, ssl.SSLError) and not isinstance(e, ssl.SSLEOFError):
+            raise AuthenticationError(
+                f"TLS with the broker at {where} failed ({e.reason or e}): both ends need TLS, "
+                "with certificates signed by the same CA") from None
+        if isinstance(e, Refused):
+            raise BrokerUnavailable(f"the process at {where} is not an mpqueue broker") from None
+        raise
+
+
+class _Connection(connection.Connection):
+    """A `Connection` that ends (EOFError) on a message it cannot take: one over
+    MAX_MESSAGE, or one that does not unpickle. The stream is out of step after
+    either, so the connection closes; others are not affected."""
+
+    peer: str | None = None     # set by the broker, for its log
+
+    def recv(self):
+        self._check_closed()
+        self._check_readable()
+        buf = self._recv_bytes(MAX_MESSAGE)
+        if buf is None:
+            why = f"a message over {MAX_MESSAGE} bytes"
+        else:
+            try:
+                return connection._ForkingPickler.loads(buf.getbuffer())
+            except Exception as e:
+                why = f"a message that does not unpickle ({type(e).__name__})"
+        if self.peer is not None:
+            broker_log.warning("closed the connection from %s: %s", self.peer, why)
+        raise EOFError(why)
+
+
+class _TLSConnection(_Connection):
+    """A `Connection` over an `ssl.SSLSocket`. The stdlib class reads and writes
+    its file descriptor directly (os.read/os.write), which would bypass TLS."""
+
+    def __init__(self, sock: ssl.SSLSocket):
+        super().__init__(sock.fileno())
+        self._sock = sock
+
+    def _close(self):
+        self._sock.close()
+
+    def _send(self, buf):
+        self._sock.sendall(buf)
+
+    def _recv(self, size):
+        buf = io.BytesIO()
+        remaining = size
+        while remaining > 0:
+            chunk = self._sock.recv(min(remaining, 1 << 18))
+            if not chunk:
+                if remaining == size:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            buf.write(chunk)
+            remaining -= len(chunk)
+        return buf
+
+    def _poll(self, timeout):
+        # Bytes TLS has decrypted already are not readable on the descriptor.
+        return self._sock.pending() > 0 or bool(connection.wait([self], timeout))
+
+
+def tls_context(files: TLSFiles, server: bool) -> ssl.SSLContext:
+    """Mutual TLS: present our certificate, and require the peer's, signed by the CA.
+
+    Host names are not checked: every certificate the cluster's own CA signs
+    is a member, at whatever address it is reached.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(files.ca)
+    except OSError as e:        # ssl.SSLError too
+        raise ConfigError(f"cannot use the TLS files {files.cert}, {files.key}, {files.ca}: "
+                          f"{e.strerror or e}") from None
+    return context
