@@ -95,8 +95,20 @@ class _Client:
     results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery, created), not yet acked
     numbers: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
     max_seq: int = 0            # its highest job number received: a batch sent again is skipped
+    withdrawn: set = dataclasses.field(default_factory=set)  # its job numbers cancelled: a cancel asked again says so
     gone_since: float | None = None
     woken: bool = False
+
+
+def _first_id() -> int:
+    """Where a broker starts numbering jobs: the clock, in microseconds.
+
+    Ids go up by one from there; a broker handing out fewer than a million a
+    second never reuses an id of an earlier run of itself, even one whose
+    journal was restored from an older copy (or lost its last writes). So a
+    worker that rejoins still running a job can never name another job.
+    """
+    return time.time_ns() // 1000
 
 
 def _max_deaths(job: _Job) -> int:
@@ -125,7 +137,7 @@ class Broker:
         self._control = threading.Condition(self._lock)  # workers' control calls wait here
         self._answered = threading.Condition(self._lock)  # cancels wait here for workers' answers
         self._answers: dict[int, bool] = {}             # job id -> withdrawn? (awaited ones only)
-        self._awaited: set[int] = set()
+        self._awaited: dict[int, bool] = {}            # job id -> force, of cancels waiting
         self._local = threading.local()                # session of this connection
         self._connections: dict[str, int] = {}
         self._jobs: dict[int, _Job] = {}
@@ -135,7 +147,7 @@ class Broker:
         self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
         self._workers: dict[str, _Worker] = {}
         self._clients: dict[str, _Client] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(_first_id())
         self._done = 0
         self._failed = 0
         self._drain_deadline: float | None = None
@@ -145,25 +157,25 @@ class Broker:
     def _restore(self, state: dict) -> None:
         """Take back a journal's state: every job queued, results waiting for their clients."""
         self.id = state["id"]
-        self._ids = itertools.count(state["next_id"])
+        self._ids = itertools.count(max(state["next_id"], _first_id()))
         self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
         now = time.monotonic()
-        for session, max_seq in state["clients"].items():
-            self._client(session).max_seq = max_seq
-            self._clients[session].gone_since = now
+        for session, (max_seq, last_number) in state["clients"].items():
+            client = self._client(session)
+            client.max_seq = max_seq
+            client.numbers = itertools.count(last_number + 1)
         for job_id, session, seq, fn, payload, chunked, opts, attempts, deaths in state["jobs"]:
             task = Task(job_id, fn, payload, chunked, opts.timeout, opts.retry_on, 0)
             job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths)
             self._functions[fn][1] += 1
             self._client(session).jobs[seq] = job_id
             self._push(job)
-        wall, last = time.time(), {}
+        wall = time.time()
         for session, number, delivery, created in state["results"]:
             # Their age, in this process's monotonic clock, for the TTL.
             self._client(session).results.append((number, delivery, now - max(0.0, wall - created)))
-            last[session] = number
-        for session, number in last.items():
-            self._clients[session].numbers = itertools.count(number + 1)
+        for client in self._clients.values():
+            client.gone_since = now     # until it reconnects
         log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
                  self._journal.path, len(self._jobs), len(state["results"]), len(self._clients))
 
@@ -245,7 +257,8 @@ class Broker:
             # queued nor finished: lost with a journal's last writes, or with
             # a journal restored from an older copy.
             finished = {delivery.seq for _, delivery, _ in client.results}
-            missing = [seq for seq in info.get("pending", ()) if seq not in client.jobs and seq not in finished]
+            missing = [seq for seq in info.get("pending", ())
+                       if seq not in client.jobs and seq not in finished and seq not in client.withdrawn]
             return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
                     "missing": missing}
 
@@ -269,7 +282,12 @@ class Broker:
                     job.attempts -= 1
                     self._dirty.add(job_id)
                     self._requeue(job)
+            # Withdraw requests it may never have got (sent on a dead
+            # connection) are asked again; cancels waiting on jobs just
+            # queued again look again.
+            worker.withdraw = [(i, force) for i, force in self._awaited.items() if i in worker.held]
             self._work.notify_all()
+            self._answered.notify_all()
         for job_id in running:
             job = self._jobs.get(job_id)
             if job is not None and job.queued:
@@ -370,8 +388,6 @@ class Broker:
         with self._changing():
             self._bind(session)
             client = self._client(session)
-            for fn, blob in functions.items():
-                self._functions.setdefault(fn, [blob, 0])
             closed = self.shutdown_event.is_set()
             # A client sends a batch again when its broker went away during
             # the call: what the broker took before that is not queued twice.
@@ -381,7 +397,7 @@ class Broker:
             client.max_seq = submissions[-1].seq
             jobs = []
             for sub in submissions:
-                self._functions[sub.fn][1] += 1
+                self._functions.setdefault(sub.fn, [functions[sub.fn], 0])[1] += 1
                 opts = sub.options
                 task = Task(next(self._ids), sub.fn, sub.payload, sub.chunked, opts.timeout, opts.retry_on, 0)
                 job = _Job(task, opts, session, sub.seq)
@@ -420,7 +436,10 @@ class Broker:
                 self._work.wait(min(deadline, due or deadline) - now)
                 if session not in self._workers:
                     raise LookupError(f"worker {session} is not registered")
-            worker = self._workers[session]
+                if self._workers[session] is not worker:
+                    # It registered again while this call waited: this call's
+                    # connection is a dead one it left. Lease nothing on it.
+                    return [], {}
             # No more than its share of the queue: a worker whose last jobs were
             # short asks for many, and must not take a burst of long ones alone.
             max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
@@ -629,7 +648,7 @@ class Broker:
                 job = self._jobs.get(client.jobs.get(seq, 0))
                 worker = self._workers.get(job.worker) if job is not None and job.worker else None
                 if job is None:
-                    verdicts[seq] = False
+                    verdicts[seq] = seq in client.withdrawn
                 elif worker is None:
                     self._unqueue(job)
                     self._forget(job)
@@ -643,27 +662,29 @@ class Broker:
                     asked[job.task.id] = seq
             if asked:
                 self._control.notify_all()
-                verdicts.update(self._await_answers(asked))
+                verdicts.update(self._await_answers(asked, force))
+            client.withdrawn.update(seq for seq, withdrawn in verdicts.items() if withdrawn)
             if any(verdicts.values()):
                 # Its collect call may be waiting for exactly these jobs.
                 client.woken = True
                 client.ready.notify_all()
             return [verdicts[seq] for seq in seqs]
 
-    def _await_answers(self, asked: dict[int, int]) -> dict[int, bool]:
+    def _await_answers(self, asked: dict[int, int], force: bool) -> dict[int, bool]:
         """Wait for workers to say whether they withdrew these jobs.
 
         No cutoff: a worker acts on a request whenever it gets it, so giving up
         early would leave the two disagreeing. A worker that stops answering
         is lost within the heartbeat timeout, which ends the wait.
         """
-        self._awaited.update(asked)
+        self._awaited.update(dict.fromkeys(asked, force))
         try:
             while any(i not in self._answers and (job := self._jobs.get(i)) is not None
                       and job.worker in self._workers for i in asked):
                 self._answered.wait()
         finally:
-            self._awaited.difference_update(asked)
+            for job_id in asked:
+                del self._awaited[job_id]
         verdicts = {}
         for job_id, seq in asked.items():
             withdrawn = self._answers.pop(job_id, None)
@@ -688,10 +709,12 @@ class Broker:
                 self._answers.update((i, a) for i, a in answers.items() if i in self._awaited)
                 self._answered.notify_all()
             deadline = time.monotonic() + min(wait, self.settings.wait_slice)
+            worker = self._workers.get(session)
             while True:
                 if self.shutdown_event.is_set():
                     return None
-                worker = self._workers.get(session)
+                if self._workers.get(session) is not worker:
+                    return []       # registered again: not on this (old) connection
                 if worker is not None and worker.withdraw:
                     requests, worker.withdraw = worker.withdraw, []
                     return requests

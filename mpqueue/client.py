@@ -118,12 +118,6 @@ def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
     return base._replace(**changes)
 
 
-class _Forgotten(MpqueueError):
-    """Raised on reconnecting to a broker that no longer knows the client
-    (not `BrokerUnavailable`: that would be retried); its futures fail with
-    `BrokerUnavailable`."""
-
-
 class JobFuture(concurrent.futures.Future):
     """A `concurrent.futures.Future` whose `cancel` withdraws the job from the cluster."""
 
@@ -240,7 +234,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         if reconnect_timeout is None:
             # Nobody restarts a private cluster's broker: no point waiting for one.
             reconnect_timeout = 0 if self._cluster else SETTINGS.reconnect_timeout
-        self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout)
+        self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout, self._broker)
         try:
             self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
         except BaseException:
@@ -287,6 +281,7 @@ class Client(_Submitter, concurrent.futures.Executor):
                 return future
             batch, self._outbox = self._outbox, []
             self._sending = True
+            self._in_flight = {sub.seq for sub, _ in batch}
         try:
             self._ship(batch)
         except BaseException:
@@ -386,13 +381,13 @@ class Client(_Submitter, concurrent.futures.Executor):
                     return
                 batch, self._outbox = self._outbox, []
                 self._sending = True
+                self._in_flight = {sub.seq for sub, _ in batch}
             if not self._ship(batch):
                 return
 
     def _ship(self, batch: list[tuple[Submission, bytes]]) -> bool:
-        """Send a batch of jobs to the broker (``_sending`` is set). False if it is gone."""
+        """Send a batch of jobs to the broker (``_sending`` and ``_in_flight`` are set). False if it is gone."""
         functions = {sub.fn: blob for sub, blob in batch}
-        self._in_flight = {sub.seq for sub, _ in batch}
         try:
             self._link.call(self._broker.submit, self.session, [sub for sub, _ in batch], functions)
             return True
@@ -450,11 +445,13 @@ class Client(_Submitter, concurrent.futures.Executor):
                     f"the broker at {where} came back without this job (its journal lost it)"))
             return
         if pending:
-            raise _Forgotten(
+            error = BrokerUnavailable(
                 f"the broker at {where} no longer knows this client (it restarted without a "
                 f"journal, or forgot a client away longer than {SETTINGS.client_grace:g} s): its "
                 f"{len(pending)} pending job(s) are lost (start the broker with --journal to keep "
                 "jobs across restarts)")
+            error.final = True      # not retried: the broker is up, and will not remember
+            raise error
         # Nothing was lost: carry on with this broker, numbering results afresh.
         self._broker.register(self.session, "client", info)
         self._ack = self._acked = 0
@@ -488,8 +485,6 @@ class Client(_Submitter, concurrent.futures.Executor):
 
     def _fail(self, error: BaseException) -> None:
         """The broker is gone, or refused us: every pending future fails with ``error``."""
-        if isinstance(error, _Forgotten):
-            error = BrokerUnavailable(str(error))
         with self._lock:
             if self._failure is None:
                 self._failure = error

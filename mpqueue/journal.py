@@ -12,7 +12,8 @@ delivered:
   attempt (a worker that reconnects still running one takes it back);
 * results wait for their client, under the numbers it acknowledges them by;
 * each client's highest job number, so that a batch a client sends again
-  after a reconnect is not queued twice.
+  after a reconnect is not queued twice, and its last result's number, so
+  that numbering goes on where the acknowledgements it holds left off.
 
 Commits use ``synchronous=NORMAL``: they survive the broker process dying
 (``kill -9``, a crash), not the machine losing power. The file is never
@@ -41,7 +42,7 @@ SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
-CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL);
+CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL, last_number INTEGER NOT NULL);
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
     payload BLOB NOT NULL, chunked INTEGER NOT NULL, options BLOB NOT NULL,
@@ -106,7 +107,7 @@ class Journal:
 
     def load(self) -> dict:
         """Everything stored: ``id`` (the journal's own), ``next_id``, ``functions`` {digest: blob},
-        ``clients`` {session: max_seq}, ``jobs`` (rows in id order) and
+        ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order) and
         ``results`` (client, number, Delivery, created) in number order."""
         try:
             jobs = [(i, client, seq, fn, payload, bool(chunked), Options(*pickle.loads(options)),
@@ -120,7 +121,8 @@ class Journal:
                 "id": self._meta("id"),
                 "next_id": self._meta("next_id"),
                 "functions": dict(self._db.execute("SELECT digest, blob FROM functions")),
-                "clients": dict(self._db.execute("SELECT session, max_seq FROM clients")),
+                "clients": {session: (max_seq, last_number) for session, max_seq, last_number
+                            in self._db.execute("SELECT session, max_seq, last_number FROM clients")},
                 "jobs": jobs,
                 "results": results,
             }
@@ -137,7 +139,7 @@ class Journal:
         db.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
                        [(i, session, seq, fn, payload, chunked, pickle.dumps(tuple(options)))
                         for i, seq, fn, payload, chunked, options in jobs])
-        db.execute("INSERT INTO clients VALUES (?, ?) ON CONFLICT(session) DO UPDATE SET max_seq = ?",
+        db.execute("INSERT INTO clients VALUES (?, ?, 0) ON CONFLICT(session) DO UPDATE SET max_seq = ?",
                    (session, max_seq, max_seq))
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id,))
 
@@ -154,6 +156,7 @@ class Journal:
         self._db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (session, number, delivery.seq, int(delivery.status),
                           pickle.dumps(delivery.payload, protocol=5), delivery.attempts, created))
+        self._db.execute("UPDATE clients SET last_number = ? WHERE session = ?", (number, session))
 
     def unused(self, fn: bytes) -> None:
         self._db.execute("DELETE FROM functions WHERE digest = ?", (fn,))

@@ -198,7 +198,11 @@ def connect(address: tuple[str, int], authkey: bytes):
 
 def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait,
                  abandoned: threading.Event | None = None):
-    """Make ``first_call()`` succeed, retrying with backoff while the broker is not up."""
+    """Make ``first_call()`` succeed, retrying with backoff while the broker is not up.
+
+    A `BrokerUnavailable` with a true ``final`` attribute is not retried: the
+    broker is up, and said something that another try would not change.
+    """
     deadline = time.monotonic() + wait
     delay = 0.05
     said = abandoned is not None    # a reconnect has said so already
@@ -208,6 +212,8 @@ def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.br
         except AuthenticationError:
             raise
         except BrokerUnavailable as e:
+            if getattr(e, "final", False):
+                raise
             if time.monotonic() + delay > deadline or (abandoned is not None and abandoned.is_set()):
                 raise BrokerUnavailable(
                     f"no broker at {format_address(address)} after {wait:.0f} s ({e})") from None
@@ -231,12 +237,18 @@ class Reconnecting:
     reconnects: it retries with backoff for up to ``timeout`` seconds, then
     calls ``rejoin()`` (which registers again) before the others go on. If
     that fails, every caller gets the same error from then on.
+
+    After a reconnect, each thread's first call drops the connection it held
+    (to the broker that went away) before calling: a stale connection would
+    fail, and set off a second reconnect and rejoin for nothing.
     """
 
-    def __init__(self, address: tuple[str, int], rejoin, timeout: float):
+    def __init__(self, address: tuple[str, int], rejoin, timeout: float, proxy: "_Proxy"):
         self.address = address
         self._rejoin = rejoin
         self._timeout = timeout
+        self._proxy = proxy
+        self._local = threading.local()
         self._cond = threading.Condition()
         self._generation = 0
         self._busy = False
@@ -249,6 +261,9 @@ class Reconnecting:
                 if self._failure is not None:
                     raise self._failure
                 seen = self._generation
+            if getattr(self._local, "generation", 0) != seen:
+                self._proxy.close()
+                self._local.generation = seen
             try:
                 return method(*args)
             except AuthenticationError:
@@ -283,10 +298,13 @@ class Reconnecting:
             failure = e
             raise
         except BrokerUnavailable as e:
+            if getattr(e, "final", False):
+                failure = e
+                raise
             failure = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
                                         f"within {self._timeout:.0f} s ({error})")
             raise failure from e
-        except Exception as e:      # rejoin refused: nothing to go back to
+        except Exception as e:      # refused (versions): nothing to go back to
             failure = e
             raise
         finally:

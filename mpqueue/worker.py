@@ -68,7 +68,7 @@ class Worker:
         self.max_memory_per_child = max_memory_per_child
         self.id = uuid.uuid4().hex[:12]
         self.broker, _ = connect(address, authkey)
-        self._link = Reconnecting(address, self._rejoin, reconnect_timeout)
+        self._link = Reconnecting(address, self._rejoin, reconnect_timeout, self.broker)
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
         self._in_hand = 0                   # fetched and not yet finished
@@ -180,10 +180,17 @@ class Worker:
             self._running = (self._running[0] + 1, ids)
 
     def _report_now(self, outcomes: list, running: tuple[int, list[int]]) -> None:
+        broker_id = self._broker_id
         try:
             self.broker.report(self.id, outcomes, running)
         except BrokerUnavailable:
-            with self._lock:    # the report thread holds them until it reconnects
+            self._hold(outcomes, broker_id)     # the report thread delivers them after a reconnect
+
+    def _hold(self, outcomes: list, broker_id: str | None) -> None:
+        """Keep outcomes a report could not deliver, unless they are for a
+        broker that is gone for good (we rejoined a new one meanwhile)."""
+        with self._lock:
+            if broker_id == self._broker_id:
                 self._outbox[:0] = outcomes
                 self._lock.notify_all()
 
@@ -225,14 +232,18 @@ class Worker:
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
             "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
         self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
-        self._broker_id = reply["broker_id"]
-        if reply["new"]:
+        if reply["new"] and self._broker_id is not None:
             # A different broker (restarted without its journal): the job ids
             # we hold mean nothing to it, or another job.
             with self._lock:
                 dropped, self._outbox = len(self._outbox), []
+                self._finished.clear()
+                self._drop_on_arrival.clear()
+                self._solo.clear()
+                self._broker_id = reply["broker_id"]
             log.warning("the broker at %s is a new one: dropping %d results it cannot want",
                         format_address(self.address), dropped)
+        self._broker_id = reply["broker_id"]
         if reply["unknown"]:
             # Jobs the broker no longer has (it restarted without a journal,
             # or they were finished elsewhere): nobody wants their results.
@@ -334,13 +345,23 @@ class Worker:
             with self._lock:
                 while not self._outbox and self._reporting and (wait := beat - time.monotonic()) > 0:
                     self._lock.wait(wait)
-                outcomes, self._outbox = self._outbox, []
-                running = self._running
-                last = not self._reporting and not outcomes
-            self._link.call(self.broker.report, self.id, outcomes, running)
+                last = not self._reporting and not self._outbox
+            # Each attempt takes the outbox afresh: after a reconnect to a new
+            # broker it was emptied, and what it held must not reach that one.
+            self._link.call(self._report_outbox)
             beat = time.monotonic() + self._heartbeat
             if last:
                 return
+
+    def _report_outbox(self) -> None:
+        with self._lock:
+            outcomes, self._outbox = self._outbox, []
+            running, broker_id = self._running, self._broker_id
+        try:
+            self.broker.report(self.id, outcomes, running)
+        except BrokerUnavailable:
+            self._hold(outcomes, broker_id)
+            raise
 
     # -- signals and wakeups --------------------------------------------------
 

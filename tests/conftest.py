@@ -183,7 +183,8 @@ def logs(proc: subprocess.Popen) -> str:
     return proc.log.read()
 
 
-def python(code: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run a user script in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+def python(code: str, env: dict | None = None, timeout: float = 60,
+           args: list[str] = ()) -> subprocess.CompletedProcess:
+    """Run a user script (with ``args`` as its sys.argv[1:]) in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, env=None if env is None else {**os.environ, **env})

@@ -19,7 +19,8 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import kill_tree, logs, read_line
+from conftest import kill_tree, logs, python, read_line
+from mpqueue import BrokerUnavailable
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -135,7 +136,7 @@ def test_a_broker_restarted_without_a_journal_fails_the_futures_it_lost(cluster)
     cluster.start_broker("--port", port)
     with pytest.raises(Exception, match="restarted without a journal") as info:
         future.result(30)
-    assert type(info.value).__name__ == "BrokerUnavailable"
+    assert type(info.value) is BrokerUnavailable
     # The worker is still there, serving the new broker.
     cluster.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
     assert cluster.client().submit(abs, -3).result(30) == 3
@@ -151,6 +152,36 @@ def test_an_idle_client_carries_on_with_a_broker_restarted_without_a_journal(clu
     cluster.wait_for(lambda s: len(s["workers"]) == 1, "the worker to rejoin")
     assert [f.result(30) for f in [client.submit(abs, -i) for i in range(20)]] == list(range(20))
     client.shutdown()
+
+
+BROKER_SESSION = r"""
+import sys
+from mpqueue.broker import Broker
+from mpqueue.journal import Journal
+from mpqueue.protocol import Options, Outcome, Status, Submission
+
+broker = Broker(journal=Journal(sys.argv[1]))
+broker.register("client", "client", {})
+broker.register("worker", "worker", {"host": "h", "pid": 1, "procs": 1})
+seq = int(sys.argv[2])
+broker.submit("client", [Submission(seq, b"fn", b"args", False, Options())], {b"fn": b"blob"})
+(task,), _ = broker.fetch("worker", 1, 0)
+broker.report("worker", [Outcome(task.id, Status.OK, b"result %d" % seq)], (1, []))
+ack = int(sys.argv[3])
+print([(number, delivery.payload.decode()) for number, delivery in broker.collect("client", ack, 0)])
+broker.collect("client", ack + 1, 0)      # acknowledge it: the journal keeps no result row
+"""
+
+
+def test_result_numbers_go_on_across_a_restart_that_found_every_result_acknowledged(tmp_path):
+    """Numbering from 1 again would make the acknowledgement a client keeps
+    across the restart drop its next results unseen. Two runs of a broker on
+    one journal, each in its own process, called directly."""
+    journal = str(tmp_path / "journal.db")
+    first = python(BROKER_SESSION, args=[journal, "1", "0"])
+    assert first.stdout.strip() == "[(1, 'result 1')]", first.stderr
+    second = python(BROKER_SESSION, args=[journal, "2", "1"])     # it acknowledges 1 as it collects
+    assert second.stdout.strip() == "[(2, 'result 2')]", second.stderr
 
 
 def test_jobs_a_journal_lost_fail_and_the_rest_complete(durable):
@@ -176,7 +207,7 @@ def test_jobs_a_journal_lost_fail_and_the_rest_complete(durable):
     assert before.result(30) == "before"
     with pytest.raises(Exception, match="its journal lost it") as info:
         after.result(30)
-    assert type(info.value).__name__ == "BrokerUnavailable"
+    assert type(info.value) is BrokerUnavailable
     assert client.submit(abs, -3).result(30) == 3
     client.shutdown()
 
