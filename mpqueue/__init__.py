@@ -11,11 +11,22 @@ one machine or a handful of machines, with nothing but ``pip install``.
 
 __version__ = "0.1.0"
 
-from .client import Client
 from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
                      JobTimeout, MpqueueError, RemoteError, VersionMismatch, WorkerLost)
-from .multiprocessing import Pool
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
            "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",
            "RemoteError", "__version__"]
+
+
+def __getattr__(name: str):
+    # Client and Pool are imported on first use: the processes that need
+    # neither (a worker's job processes, and the forkserver that starts
+    # them) start that much faster.
+    if name == "Client":
+        from .client import Client
+        return Client
+    if name == "Pool":
+        from .multiprocessing import Pool
+        return Pool
+    raise AttributeError(f"module 'mpqueue' has no attribute {name!r}")

@@ -92,10 +92,16 @@ class Worker:
 
     def run(self) -> int:
         """Serve until stopped. Returns the process exit code."""
-        reach_broker(self.address, self._register)
+        # The pool first: its processes start while a broker starting at
+        # the same time (a local cluster's) gets ready.
+        pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child)
+        try:
+            reach_broker(self.address, self._register)
+        except BaseException:
+            pool.close()
+            raise
         log.info("worker %s serving %s with %d procs", self.id, format_address(self.address), self.procs)
         self._install_signals()
-        pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child)
         self._reporting = True
         reporter = threading.Thread(target=self._guard, args=(self._report_loop,), name="report")
         reporter.start()
