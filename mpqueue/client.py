@@ -386,7 +386,8 @@ class Client(_Submitter, concurrent.futures.Executor):
                 return
 
     def _ship(self, batch: list[tuple[Submission, bytes]]) -> bool:
-        """Send a batch of jobs to the broker (``_sending`` and ``_in_flight`` are set). False if it is gone."""
+        """Send a batch of jobs to the broker (``_sending`` and ``_in_flight`` are
+        set). False if it is gone."""
         functions = {sub.fn: blob for sub, blob in batch}
         try:
             self._link.call(self._broker.submit, self.session, [sub for sub, _ in batch], functions)

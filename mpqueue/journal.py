@@ -114,7 +114,8 @@ class Journal:
                      attempts, deaths)
                     for i, client, seq, fn, payload, chunked, options, attempts, deaths
                     in self._db.execute("SELECT * FROM jobs ORDER BY id")]
-            results = [(client, number, Delivery(seq, Status(status), pickle.loads(payload), attempts), created)
+            results = [(client, number, Delivery(seq, Status(status), pickle.loads(payload), attempts),
+                        created)
                        for client, number, seq, status, payload, attempts, created
                        in self._db.execute("SELECT * FROM results ORDER BY client, number")]
             return {

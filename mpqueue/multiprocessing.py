@@ -675,7 +675,8 @@ class Pool:
             self._processes = processes or _usable_cpus()
             cluster = LocalCluster(self._processes)
             try:
-                client = Client(format_address(cluster.address), authkey=cluster.authkey, reconnect_timeout=0)
+                client = Client(format_address(cluster.address), authkey=cluster.authkey,
+                                reconnect_timeout=0)
             except BaseException:
                 cluster.stop()
                 raise
