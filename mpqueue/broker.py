@@ -380,6 +380,11 @@ class Broker:
             job = self._jobs.get(job_id)
             if job is not None and job.queued:
                 self._unqueue(job)
+                if job_id in self._awaited:
+                    # Queued again while a cancel waits on it: the cancel
+                    # withdraws it when it looks again; never lease it.
+                    self._answered.notify_all()
+                    continue
                 return job
         return None
 
@@ -621,6 +626,7 @@ class Broker:
 
     def _forget(self, job: _Job) -> None:
         del self._jobs[job.task.id]
+        self._answered.notify_all()     # a cancel waiting on it: it is over
         entry = self._functions[job.task.fn]
         entry[1] -= 1
         if entry[1] == 0:
