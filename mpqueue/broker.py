@@ -189,8 +189,8 @@ class Broker:
                 if self._journal is not None:
                     self._journal.attempts((job.attempts, job.deaths, i) for i in self._dirty
                                            if (job := self._jobs.get(i)) is not None)
-                    self._dirty.clear()
                     self._journal.commit()
+                self._dirty.clear()
 
     # -- sessions ---------------------------------------------------------
 
