@@ -238,18 +238,19 @@ class Worker:
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
             "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
         self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
-        if reply["new"] and self._broker_id is not None:
-            # A different broker (restarted without its journal): the job ids
-            # we hold mean nothing to it, or another job.
-            with self._lock:
+        with self._lock:
+            # A different broker than before (restarted without its journal):
+            # the job ids we hold mean nothing to it, or another job.
+            new = reply["new"] and self._broker_id is not None
+            if new:
                 dropped, self._outbox = len(self._outbox), []
                 self._finished.clear()
                 self._drop_on_arrival.clear()
                 self._solo.clear()
-                self._broker_id = reply["broker_id"]
+            self._broker_id = reply["broker_id"]    # under the lock: _hold() compares it
+        if new:
             log.warning("the broker at %s is a new one: dropping %d results it cannot want",
                         format_address(self.address), dropped)
-        self._broker_id = reply["broker_id"]
         if reply["unknown"]:
             # Jobs the broker no longer has (it restarted without a journal,
             # or they were finished elsewhere): nobody wants their results.
