@@ -127,14 +127,7 @@ class Cluster:
         return json.loads(result.stdout)
 
     def wait_for(self, predicate, what: str, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; status: {status}")
-            time.sleep(0.1)
+        return wait_for_status(self.status, predicate, what, timeout)
 
     def close(self) -> None:
         for client in self.clients:
@@ -148,6 +141,19 @@ class Cluster:
                 proc.stdout.close()
         for client in self.clients:
             client.shutdown(wait=True)
+
+
+def wait_for_status(status, predicate, what: str, timeout: float = 20) -> dict:
+    """Poll ``status()`` until ``predicate`` holds of what it returns; fail,
+    showing the last status, after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = status()
+        if predicate(current):
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; status: {current}")
+        time.sleep(0.1)
 
 
 def read_line(stream, timeout: float) -> str:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_tree, read_line
+from conftest import kill_tree, read_line, wait_for_status
 
 SUBNET = "10.231.0"
 ADDRESSES = {"br": f"{SUBNET}.1", "a": f"{SUBNET}.2", "b": f"{SUBNET}.3", "c": f"{SUBNET}.4"}
@@ -174,14 +174,7 @@ class Net:
         return json.loads(result.stdout)
 
     def wait_for(self, predicate, what: str, timeout: float = 20) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status_json()
-            if predicate(status):
-                return status
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; status: {status}")
-            time.sleep(0.1)
+        return wait_for_status(self.status_json, predicate, what, timeout)
 
     def job_log(self) -> list[tuple[int, str, str, float]]:
         """``(x, address, "start" or "end", time)`` for every line jobs wrote."""
