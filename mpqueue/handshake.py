@@ -19,16 +19,14 @@ a 4-byte length and JSON (nothing is unpickled before it succeeds)::
 (hello and challenge: the exact bytes of those two messages.) Without TLS, a
 peer sends its hello at once too; a TLS broker answers a plain one with
 {"refused": "tls"}. After the handshake, messages are multiprocessing's
-(length-prefixed pickles of the manager protocol), through `_Connection`.
+(length-prefixed pickles of the manager protocol), through `connection.Connection`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import json
-import logging
 import secrets
 import socket
 import ssl
@@ -41,9 +39,9 @@ import cloudpickle
 
 from . import __version__
 from .config import SETTINGS, TLSFiles, format_address
+from .connection import Connection
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, VersionMismatch
 
-broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in its log
 
 
 def tune(sock: socket.socket) -> None:
@@ -60,9 +58,6 @@ def tune(sock: socket.socket) -> None:
 _FRAME = struct.Struct("!i")
 _MAX_FRAME = 1024
 _TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake record)
-#: After the handshake, a message announcing more than this closes the
-#: connection (it is not read): a bad length cannot make us allocate gigabytes.
-MAX_MESSAGE = 1 << 30
 
 #: What a process tells the broker about itself when it connects. Pickles made
 #: with one Python minor version or cloudpickle major version may not load
@@ -139,7 +134,7 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[bytes, dict]:
     return data, message
 
 
-def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> connection.Connection:
+def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> Connection:
     """The broker's side of a new connection's handshake, within SETTINGS.connect_timeout.
 
     With ``tls``, a TLS handshake first (which checks the peer's certificate).
@@ -177,7 +172,7 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> c
                            f"this broker runs {_describe(VERSIONS)}")
         _send_frame(sock, {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)})
         sock.settimeout(None)
-        return _TLSConnection(sock) if tls is not None else _Connection(sock.detach())
+        return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
     except BaseException as e:
         sock.close()
         if isinstance(e, TimeoutError):
@@ -193,7 +188,7 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> c
 
 
 def Client(address: tuple[str, int], authkey: bytes,
-           tls: ssl.SSLContext | None = None) -> connection.Connection:
+           tls: ssl.SSLContext | None = None) -> Connection:
     """Connect and run the handshake (TLS first, with ``tls``), within
     ``SETTINGS.connect_timeout``. Raises mpqueue's errors for a refusal."""
     where = format_address(address)
@@ -233,7 +228,7 @@ def Client(address: tuple[str, int], authkey: bytes,
             raise AuthenticationError(f"the process at {where} could not prove it holds the "
                                       "authkey: it is not the broker you meant")
         sock.settimeout(None)
-        return _TLSConnection(sock) if tls is not None else _Connection(sock.detach())
+        return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
     except BaseException as e:
         sock.close()
         # A TLS refusal, not a broker closing mid-handshake (which may be busy, or restarting).
@@ -246,30 +241,7 @@ def Client(address: tuple[str, int], authkey: bytes,
         raise
 
 
-class _Connection(connection.Connection):
-    """A `Connection` that ends (EOFError) on a message it cannot take: one over
-    MAX_MESSAGE, or one that does not unpickle. The stream is out of step after
-    either, so the connection closes; others are not affected."""
-
-    peer: str | None = None     # set by the broker, for its log
-
-    def recv(self):
-        self._check_closed()
-        self._check_readable()
-        buf = self._recv_bytes(MAX_MESSAGE)
-        if buf is None:
-            why = f"a message over {MAX_MESSAGE} bytes"
-        else:
-            try:
-                return connection._ForkingPickler.loads(buf.getbuffer())
-            except Exception as e:
-                why = f"a message that does not unpickle ({type(e).__name__})"
-        if self.peer is not None:
-            broker_log.warning("closed the connection from %s: %s", self.peer, why)
-        raise EOFError(why)
-
-
-class _TLSConnection(_Connection):
+class _TLSConnection(Connection):
     """A `Connection` over an `ssl.SSLSocket`. The stdlib class reads and writes
     its file descriptor directly (os.read/os.write), which would bypass TLS."""
 
@@ -280,21 +252,14 @@ class _TLSConnection(_Connection):
     def _close(self):
         self._sock.close()
 
-    def _send(self, buf):
-        self._sock.sendall(buf)
+    def _send_pieces(self, pieces):
+        if sum(map(len, pieces)) <= 1 << 16:
+            pieces = [b"".join(pieces)]     # one TLS record for a short message
+        for piece in pieces:
+            self._sock.sendall(piece)
 
-    def _recv(self, size):
-        buf = io.BytesIO()
-        remaining = size
-        while remaining > 0:
-            chunk = self._sock.recv(min(remaining, 1 << 18))
-            if not chunk:
-                if remaining == size:
-                    raise EOFError
-                raise OSError("got end of file during message")
-            buf.write(chunk)
-            remaining -= len(chunk)
-        return buf
+    def _read_into(self, view):
+        return self._sock.recv_into(view)
 
     def _poll(self, timeout):
         # Bytes TLS has decrypted already are not readable on the descriptor.

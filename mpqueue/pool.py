@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from multiprocessing.connection import wait
 import psutil
 
 from .config import SETTINGS
+from .connection import Connection
 from .protocol import Outcome, Status, Task, dumps, loads, pack_exception
 
 #: How many unpickled functions a child keeps, most recently used first.
@@ -53,11 +55,12 @@ class Child:
     """One supervised child process and the batch of jobs it is running, if any."""
 
     def __init__(self, ctx):
-        self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_child_main, args=(child_conn,), daemon=True,
+        ours, theirs = socket.socketpair()
+        self.conn = Connection(ours.detach())
+        self.process = ctx.Process(target=_child_main, args=(theirs,), daemon=True,
                                    name="mpqueue-child")
         self.process.start()
-        child_conn.close()
+        theirs.close()
         self.pid = self.process.pid
         self.batch: list[Item] = []
         self.started = 0.0
@@ -306,7 +309,8 @@ def _die_with_worker() -> None:
             os._exit(1)
 
 
-def _child_main(conn) -> None:
+def _child_main(sock: socket.socket) -> None:
+    conn = Connection(sock.detach())
     # Ctrl-C in the worker's terminal reaches the whole process group; the
     # worker decides what happens to the jobs, not the signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

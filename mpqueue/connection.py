@@ -1,0 +1,101 @@
+"""The connection every mpqueue message travels on: to and from the broker,
+and between a worker and its children.
+
+It is ``multiprocessing.connection.Connection`` with the same wire format (a
+4-byte length, or -1 and an 8-byte one, then a pickle), sent and received
+without the copies the standard class makes of a large message:
+
+* sending, the pickler writes to a list of pieces, and it hands over an
+  argument or result of 64 KiB or more (a ``bytes`` payload) by reference
+  rather than copying it into its buffer; the pieces go out in one
+  ``writev``;
+* receiving, the message is read straight into one buffer of its exact
+  size, not in chunks gathered in a ``BytesIO``.
+
+A megabyte argument crosses each hop with the kernel's copies and one more,
+where it is unpickled. It also ends (EOFError) on a message it cannot take:
+one over MAX_MESSAGE, or one that does not unpickle. The stream is out of
+step after either, so the connection closes; others are not affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+from multiprocessing import connection
+
+broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in its log
+
+#: A message announcing more than this closes the connection (it is not
+#: read): a bad length cannot make us allocate gigabytes.
+MAX_MESSAGE = 1 << 30
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!iQ")
+_IOV_MAX = 512      # pieces per writev (the system's limit is at least 1024)
+
+
+class _Pieces(list):
+    """A pickler's output, as the pieces it wrote (see the module docstring)."""
+
+    def write(self, data) -> None:
+        self.append(data)
+
+
+class Connection(connection.Connection):
+    peer: str | None = None     # set by the broker, for its log
+
+    def send(self, obj) -> None:
+        self._check_closed()
+        self._check_writable()
+        pieces = _Pieces()
+        pickle.Pickler(pieces, pickle.HIGHEST_PROTOCOL).dump(obj)
+        size = sum(map(len, pieces))
+        header = _SHORT.pack(size) if size <= 0x7fffffff else _LONG.pack(-1, size)
+        self._send_pieces([header, *pieces])
+
+    def recv(self):
+        self._check_closed()
+        self._check_readable()
+        size, = _SHORT.unpack(self._read(_SHORT.size, first=True))
+        if size == -1:
+            size, = struct.unpack("!Q", self._read(8))
+        if size > MAX_MESSAGE:
+            why = f"a message over {MAX_MESSAGE} bytes"
+        else:
+            message = self._read(size)
+            try:
+                return pickle.loads(message)
+            except Exception as e:
+                why = f"a message that does not unpickle ({type(e).__name__})"
+        if self.peer is not None:
+            broker_log.warning("closed the connection from %s: %s", self.peer, why)
+        raise EOFError(why)
+
+    def _send_pieces(self, pieces: list) -> None:
+        views = [memoryview(p) for p in pieces]
+        while views:
+            sent = os.writev(self._handle, views[:_IOV_MAX])
+            while views and sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            if sent:
+                views[0] = views[0][sent:]
+
+    def _read(self, size: int, first: bool = False) -> bytearray:
+        """Exactly ``size`` bytes. EOFError if the peer closed before the
+        ``first`` bytes of a message, OSError if it did within one."""
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            n = self._read_into(view[got:])
+            if not n:
+                if first and got == 0:
+                    raise EOFError
+                raise OSError("got end of file during message")
+            got += n
+        return buf
+
+    def _read_into(self, view: memoryview) -> int:
+        return os.readv(self._handle, [view])
