@@ -21,8 +21,10 @@ once its client acknowledges it on its next `collect`, so a client that dies
 while a reply is in flight loses nothing the broker could still give it.
 
 Each connection is served by its own thread of the manager server; one lock
-guards all state, and blocking calls (`fetch`, `collect`) wait on conditions
-of that lock, so nothing here ever polls. Payloads are opaque bytes.
+guards all state. A `fetch` or `collect` with nothing to return is parked (see
+`_Parked`): the call that makes it answerable sends the answer, and a timer
+thread answers the ones whose wait ran out, so nothing here ever polls, and
+no thread wakes only to pass a job or a result on. Payloads are opaque bytes.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Callable
 from .config import SETTINGS, Settings
 from .journal import Journal
 from .protocol import Delivery, Options, Outcome, Status, Submission, Task
-from .transport import BrokerServer
+from .transport import DEFERRED, BrokerServer
 
 log = logging.getLogger("mpqueue.broker")
 
@@ -52,7 +54,9 @@ log = logging.getLogger("mpqueue.broker")
 MAX_DEATHS = 3
 #: Most results handed to a client in one `collect` (and about how many bytes).
 COLLECT_BATCH = 1000
-COLLECT_BYTES = 64 << 20
+COLLECT_BYTES = 8 << 20
+#: About the most argument bytes leased in one `fetch` (at least one job).
+FETCH_BYTES = 8 << 20
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -88,16 +92,32 @@ class _Worker:
     last_seen_mono: float = dataclasses.field(default_factory=time.monotonic)
 
 
+@dataclasses.dataclass(slots=True, eq=False)
+class _Parked:
+    """A `fetch` or `collect` call waiting for something to return.
+
+    Its connection's thread has gone back to reading (it returned
+    `DEFERRED`); the call that queues a job or finishes a result sends the
+    answer through ``reply`` once its own changes are committed. That spares
+    a thread wakeup per job at each end, which is most of what a round trip
+    costs on a busy machine.
+    """
+    reply: Callable[[tuple], None]      # sends ("#RETURN", value) or ("#ERROR", exc) on its connection
+    deadline: float                     # answered empty then
+    worker: _Worker | None = None       # a fetch: whose, and how many jobs at most
+    max_jobs: int = 0
+
+
 @dataclasses.dataclass(eq=False)
 class _Client:
-    ready: threading.Condition
     jobs: dict = dataclasses.field(default_factory=dict)     # its seq -> job id, unfinished
     results: deque = dataclasses.field(default_factory=deque)  # (number, Delivery, created), not yet acked
     numbers: itertools.count = dataclasses.field(default_factory=lambda: itertools.count(1))
     max_seq: int = 0            # its highest job number received: a batch sent again is skipped
     withdrawn: set = dataclasses.field(default_factory=set)  # its job numbers cancelled: a cancel asked again says so
     gone_since: float | None = None
-    woken: bool = False
+    woken: bool = False         # its parked collect returns, even empty (a cancel, a goodbye)
+    collector: _Parked | None = None
 
 
 def _first_id() -> int:
@@ -133,7 +153,12 @@ class Broker:
         self._dirty: set[int] = set()                  # jobs whose attempts changed, for the journal
         self.shutdown_event = threading.Event()
         self._lock = threading.Lock()
-        self._work = threading.Condition(self._lock)   # fetchers wait here
+        self._fetchers: deque[_Parked] = deque()       # parked fetch calls, oldest first
+        self._recheck_fetchers = False                 # a worker left or rejoined: look at them
+        self._nudged: set[str] = set()                 # clients with new results (or woken) in this call
+        self._outgoing: list = []                      # (reply, message) to send once this call commits
+        self._timer = threading.Condition(self._lock)  # the timer thread waits here
+        self._timer_at: float | None = None            # when it wakes next
         self._control = threading.Condition(self._lock)  # workers' control calls wait here
         self._answered = threading.Condition(self._lock)  # cancels wait here for workers' answers
         self._answers: dict[int, bool] = {}             # job id -> withdrawn? (awaited ones only)
@@ -153,6 +178,7 @@ class Broker:
         self._drain_deadline: float | None = None
         if journal is not None:
             self._restore(journal.load())
+        threading.Thread(target=self._run_timer, name="timer", daemon=True).start()
 
     def _restore(self, state: dict) -> None:
         """Take back a journal's state: every job queued, results waiting for their clients."""
@@ -181,16 +207,89 @@ class Broker:
 
     @contextlib.contextmanager
     def _changing(self):
-        """Hold the lock for a call that changes state; commit it to the journal after."""
-        with self._lock:
-            try:
-                yield
-            finally:
-                if self._journal is not None:
-                    self._journal.attempts((job.attempts, job.deaths, i) for i in self._dirty
-                                           if (job := self._jobs.get(i)) is not None)
-                    self._journal.commit()
-                self._dirty.clear()
+        """Hold the lock for a call that changes state; answer the parked calls
+        it made answerable, commit it all to the journal, then (lock released)
+        send those answers."""
+        outgoing = []
+        try:
+            with self._lock:
+                try:
+                    yield
+                finally:
+                    self._answer_parked()
+                    if self._journal is not None:
+                        self._journal.attempts((job.attempts, job.deaths, i) for i in self._dirty
+                                               if (job := self._jobs.get(i)) is not None)
+                        self._journal.commit()
+                    self._dirty.clear()
+                    outgoing, self._outgoing = self._outgoing, []
+        finally:
+            for reply, message in outgoing:
+                reply(message)
+
+    # -- parked calls -------------------------------------------------------
+
+    def _park(self, parked: _Parked) -> None:
+        if self._timer_at is None or parked.deadline < self._timer_at:
+            self._timer.notify()
+        if parked.worker is not None:
+            self._fetchers.append(parked)
+        else:
+            self._clients[self._local.session].collector = parked
+
+    def _answer(self, parked: _Parked, value, error: bool = False) -> None:
+        self._outgoing.append((parked.reply, ("#ERROR" if error else "#RETURN", value)))
+
+    def _answer_parked(self) -> None:
+        """Answer the parked calls that can be now (lock held)."""
+        closing = self.shutdown_event.is_set()
+        if self._fetchers and (self._queued or self._recheck_fetchers or closing):
+            self._recheck_fetchers = False
+            waiting: deque[_Parked] = deque()
+            for parked in self._fetchers:
+                worker = self._workers.get(parked.worker.id)
+                if closing:
+                    self._answer(parked, None)
+                elif worker is None:
+                    self._answer(parked, LookupError(f"worker {parked.worker.id} is not registered"), True)
+                elif worker is not parked.worker:
+                    # It registered again meanwhile: this call's connection is
+                    # a dead one it left. Lease nothing on it.
+                    self._answer(parked, ([], {}))
+                elif self._queued and (leased := self._lease(worker, parked.max_jobs))[0]:
+                    self._answer(parked, leased)
+                else:
+                    waiting.append(parked)
+            self._fetchers = waiting
+        for session in self._nudged:
+            client = self._clients.get(session)
+            if client is not None and client.collector is not None and (client.results or client.woken):
+                client.woken = False
+                self._answer(client.collector, self._batch(client))
+                client.collector = None
+        self._nudged.clear()
+
+    def _run_timer(self) -> None:
+        """Queue retries when due, and answer parked calls whose wait ran out."""
+        while True:
+            with self._changing():
+                now = time.monotonic()
+                self._promote_due()
+                for parked in [p for p in self._fetchers if p.deadline <= now]:
+                    self._fetchers.remove(parked)
+                    self._answer(parked, ([], {}))
+                for client in self._clients.values():
+                    if client.collector is not None and client.collector.deadline <= now:
+                        self._answer(client.collector, self._batch(client))
+                        client.collector = None
+            with self._lock:
+                times = [p.deadline for p in self._fetchers]
+                times += [c.collector.deadline for c in self._clients.values() if c.collector is not None]
+                if self._delayed:
+                    times.append(self._delayed[0][0])
+                self._timer_at = min(times, default=None)
+                self._timer.wait(None if self._timer_at is None else max(0.0, self._timer_at - time.monotonic()))
+                self._timer_at = None
 
     # -- sessions ---------------------------------------------------------
 
@@ -209,6 +308,11 @@ class Broker:
         if session is None:
             return
         with self._changing():
+            reply = self._local.reply
+            self._fetchers = deque(p for p in self._fetchers if p.reply is not reply)
+            client = self._clients.get(session)
+            if client is not None and client.collector is not None and client.collector.reply is reply:
+                client.collector = None
             left = self._connections[session] - 1
             if left:
                 self._connections[session] = left
@@ -223,11 +327,13 @@ class Broker:
             if client is not None:
                 client.gone_since = time.monotonic()
 
-    def connection_opened(self, peer: str | None) -> None:
+    def connection_opened(self, peer: str | None, reply: Callable[[tuple], None]) -> None:
         """Called by the server when a connection is authenticated, in that
-        connection's thread, with the peer's IP address: hostnames can be alike
-        (containers, cloned machines), addresses on one network are not."""
+        connection's thread, with the peer's IP address (hostnames can be alike:
+        containers, cloned machines; addresses on one network are not) and how
+        to answer a call of this connection later (`_Parked`)."""
         self._local.peer = peer
+        self._local.reply = reply
 
     def register(self, session: str, kind: str, info: dict) -> dict:
         """A worker or client introduces itself."""
@@ -237,6 +343,7 @@ class Broker:
                 address = getattr(self._local, "peer", None)
                 versions = {k: info.get(k) for k in ("version", "python", "cloudpickle")}
                 old = self._workers.pop(session, None)
+                self._recheck_fetchers = True   # its parked fetch, if any, is on a connection it left
                 self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"],
                                                  address=address, versions=versions)
                 log.info("worker %s joined from %s (%s) pid %d with %d procs",
@@ -286,7 +393,6 @@ class Broker:
             # connection) are asked again; cancels waiting on jobs just
             # queued again look again.
             worker.withdraw = [(i, force) for i, force in self._awaited.items() if i in worker.held]
-            self._work.notify_all()
             self._answered.notify_all()
         for job_id in running:
             job = self._jobs.get(job_id)
@@ -306,7 +412,7 @@ class Broker:
     def _client(self, session: str) -> _Client:
         client = self._clients.get(session)
         if client is None:
-            client = self._clients[session] = _Client(threading.Condition(self._lock))
+            client = self._clients[session] = _Client()
         return client
 
     def _lose_worker(self, worker: _Worker, died: bool) -> None:
@@ -317,6 +423,7 @@ class Broker:
         worker must not be handed on forever.
         """
         del self._workers[worker.id]
+        self._recheck_fetchers = True
         self._answered.notify_all()     # cancels waiting on its answers look again
         for job_id in worker.held:
             job = self._jobs.get(job_id)
@@ -334,7 +441,6 @@ class Broker:
             else:
                 job.attempts -= 1   # never started
             self._requeue(job)
-        self._work.notify_all()
 
     # -- the queue --------------------------------------------------------
 
@@ -360,9 +466,10 @@ class Broker:
         job.worker = None
         tries = job.attempts - job.deaths
         delay = job.options.retry_delay * 2 ** (tries - 1) * random.uniform(0.5, 1.5)
-        heapq.heappush(self._delayed, (time.monotonic() + min(self.settings.retry_delay_cap, delay),
-                                       job.task.id))
-        self._work.notify_all()     # waiting fetchers must wake when it is due
+        due = time.monotonic() + min(self.settings.retry_delay_cap, delay)
+        heapq.heappush(self._delayed, (due, job.task.id))
+        if self._timer_at is None or due < self._timer_at:
+            self._timer.notify()    # it queues the job when due
 
     def _promote_due(self) -> float | None:
         """Queue the delayed jobs now due; return when the next one will be."""
@@ -418,49 +525,48 @@ class Broker:
                     self._finish(job, Status.SHUTDOWN, b"")
                 else:
                     self._push(job)
-            self._work.notify(len(jobs))
 
     def fetch(self, session: str, max_jobs: int, wait: float):
-        """Lease up to ``max_jobs`` jobs to a worker, waiting up to ``wait`` s for one.
+        """Lease up to ``max_jobs`` jobs to a worker; with none queued, park the
+        call (`_Parked`) until one is, for up to ``wait`` s.
 
         Returns ``(tasks, functions)``, or None once the cluster is shutting down.
         """
         with self._changing():
             self._bind(session)
             worker = self._seen(session)
-            deadline = time.monotonic() + min(wait, self.settings.wait_slice)
-            while True:
-                if self.shutdown_event.is_set():
-                    return None
-                due = self._promote_due()
-                if self._queued:
-                    break
-                now = time.monotonic()
-                if now >= deadline:
-                    return [], {}
-                self._work.wait(min(deadline, due or deadline) - now)
-                if session not in self._workers:
-                    raise LookupError(f"worker {session} is not registered")
-                if self._workers[session] is not worker:
-                    # It registered again while this call waited: this call's
-                    # connection is a dead one it left. Lease nothing on it.
-                    return [], {}
-            # No more than its share of the queue: a worker whose last jobs were
-            # short asks for many, and must not take a burst of long ones alone.
-            max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
-            tasks, functions = [], {}
-            while len(tasks) < max_jobs:
-                job = self._pop()
-                if job is None:
-                    break
-                job.worker = session
-                job.attempts += 1
-                self._dirty.add(job.task.id)
-                worker.held.add(job.task.id)
-                tasks.append(job.task._replace(attempt=job.attempts))
-                if job.task.fn not in functions:
-                    functions[job.task.fn] = self._functions[job.task.fn][0]
-            return tasks, functions
+            if self.shutdown_event.is_set():
+                return None
+            self._promote_due()
+            leased = self._lease(worker, max_jobs)
+            if leased[0] or wait <= 0:
+                return leased
+            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice),
+                               worker, max_jobs))
+            return DEFERRED
+
+    def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
+        """Queued jobs for a worker: ``(tasks, functions)``.
+
+        No more than its share of the queue: a worker whose last jobs were
+        short asks for many, and must not take a burst of long ones alone.
+        And about FETCH_BYTES of arguments at most.
+        """
+        max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
+        tasks, functions, size = [], {}, 0
+        while len(tasks) < max_jobs and size < FETCH_BYTES:
+            job = self._pop()
+            if job is None:
+                break
+            job.worker = worker.id
+            job.attempts += 1
+            self._dirty.add(job.task.id)
+            worker.held.add(job.task.id)
+            tasks.append(job.task._replace(attempt=job.attempts))
+            size += len(job.task.payload)
+            if job.task.fn not in functions:
+                functions[job.task.fn] = self._functions[job.task.fn][0]
+        return tasks, functions
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]]) -> None:
         """A worker's finished jobs, and (version, ids) of the jobs its children run now."""
@@ -501,7 +607,6 @@ class Broker:
                 if worker is not None:
                     worker.retried += 1
                 self._requeue(job)
-                self._work.notify()
                 return True
         elif status is Status.TIMEOUT:
             if worker is not None:
@@ -518,7 +623,6 @@ class Broker:
             # still here was not withdrawn after all: it goes back.
             job.attempts -= 1
             self._requeue(job)
-            self._work.notify()
             return True
         return False
 
@@ -535,7 +639,6 @@ class Broker:
                     job.attempts -= 1
                     self._dirty.add(job_id)
                     self._requeue(job)
-            self._work.notify_all()
 
     def _seen(self, session: str) -> _Worker:
         worker = self._workers.get(session)
@@ -565,11 +668,12 @@ class Broker:
         if self._journal is not None:
             self._journal.result(job.client, number, delivery, time.time())
         client.results.append((number, delivery, time.monotonic()))
-        client.ready.notify()
+        self._nudged.add(job.client)
 
     def collect(self, session: str, ack: int, wait: float) -> list[tuple[int, Delivery]]:
         """Drop this client's results numbered up to ``ack`` (it has them), then
-        return the next ones, waiting up to ``wait`` s for at least one."""
+        return the next ones; with none, park the call (`_Parked`) until there
+        are, for up to ``wait`` s."""
         with self._changing():
             self._bind(session)
             client = self._client(session)
@@ -579,29 +683,32 @@ class Broker:
                     results.popleft()
                 if self._journal is not None:
                     self._journal.acknowledged(session, ack)
-            deadline = time.monotonic() + min(wait, self.settings.wait_slice)
-            while not results and not client.woken:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                client.ready.wait(remaining)
-            client.woken = False
-            batch, size = [], 0
-            for number, delivery, _ in results:
-                if len(batch) >= COLLECT_BATCH or size >= COLLECT_BYTES:
-                    break
-                batch.append((number, delivery))
-                payload = delivery.payload
-                size += len(payload) if isinstance(payload, bytes) else 0
-            return batch
+            if results or client.woken or wait <= 0:
+                client.woken = False
+                return self._batch(client)
+            if client.collector is not None:    # left behind on a connection it no longer reads
+                self._answer(client.collector, [])
+            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice)))
+            return DEFERRED
+
+    @staticmethod
+    def _batch(client: _Client) -> list[tuple[int, Delivery]]:
+        batch, size = [], 0
+        for number, delivery, _ in client.results:
+            if len(batch) >= COLLECT_BATCH or size >= COLLECT_BYTES:
+                break
+            batch.append((number, delivery))
+            payload = delivery.payload
+            size += len(payload) if isinstance(payload, bytes) else 0
+        return batch
 
     def goodbye(self, session: str) -> None:
         """A client leaves: its queued jobs are dropped and its results discarded."""
         with self._changing():
             client = self._clients.get(session)
             if client is not None:
-                client.woken = True
-                client.ready.notify_all()
+                if client.collector is not None:
+                    self._answer(client.collector, [])
                 self._drop_client(session)
 
     def _drop_client(self, session: str) -> None:
@@ -673,7 +780,7 @@ class Broker:
             if any(verdicts.values()):
                 # Its collect call may be waiting for exactly these jobs.
                 client.woken = True
-                client.ready.notify_all()
+                self._nudged.add(session)
             return [verdicts[seq] for seq in seqs]
 
     def _await_answers(self, asked: dict[int, int], force: bool) -> dict[int, bool]:
@@ -765,8 +872,7 @@ class Broker:
                     self._drop_client(session)
             if not self.shutdown_event.is_set():
                 return False
-            self._work.notify_all()     # fetchers and control calls see the event
-            self._control.notify_all()
+            self._control.notify_all()     # control calls see the event (parked fetches: _answer_parked)
             if self._workers:
                 return False
             for job in [j for j in self._jobs.values() if j.worker is None]:
@@ -782,9 +888,9 @@ class Broker:
     def status(self) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""
         with self._lock:
-            self._promote_due()
             backing_off = sum(1 for _, i in self._delayed
-                              if (job := self._jobs.get(i)) is not None and job.worker is None)
+                              if (job := self._jobs.get(i)) is not None and job.worker is None
+                              and not job.queued)
             workers = [{
                 "id": w.id, "host": w.host, "address": w.address, "pid": w.pid, "procs": w.procs,
                 "running": len(w.running), "queued": len(w.held - w.running),

@@ -28,6 +28,7 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from multiprocessing import managers, util
 
 from .config import SETTINGS, format_address, resolve_tls
@@ -44,6 +45,9 @@ EVENT_ID = "shutdown_event"
 BROKER_METHODS = ("register", "unregister", "fetch", "report", "release", "control",
                   "submit", "cancel", "collect", "goodbye", "status")
 EVENT_METHODS = ("is_set", "set", "wait")
+
+#: What a broker method returns for a call it parked: its answer is sent later.
+DEFERRED = object()
 
 
 class Listener:
@@ -117,6 +121,14 @@ class BrokerServer(managers.Server):
             conn.close()
 
     def serve_client(self, conn):
+        """Answer this connection's calls, one at a time, until it closes.
+
+        This replaces the stdlib loop for one reason: a call may return
+        `DEFERRED`, which means it is parked in the broker and will be answered
+        later, by whichever thread makes its answer possible (see
+        `Broker.fetch`), through the ``reply`` function handed to the broker
+        here. This thread goes back to reading at once.
+        """
         sock = socket.socket(fileno=conn.fileno())
         try:
             peer = sock.getpeername()[0]
@@ -124,11 +136,46 @@ class BrokerServer(managers.Server):
             peer = None     # already gone; serving it will end at once
         finally:
             sock.detach()
-        self.broker.connection_opened(peer)
+        lock = threading.Lock()     # a deferred answer against this thread's close
+
+        def reply(message) -> None:
+            with lock:
+                if conn.closed:
+                    return
+                try:
+                    conn.send(message)
+                except (OSError, EOFError):
+                    pass    # it is gone: its thread finds out when it reads
+                except Exception:       # the answer does not pickle (nothing was sent)
+                    conn.send(("#UNSERIALIZABLE", traceback.format_exc()))
+
+        self.broker.connection_opened(peer, reply)
         try:
-            super().serve_client(conn)
+            while True:
+                try:
+                    request = conn.recv()
+                except (EOFError, OSError):
+                    return
+                try:
+                    ident, methodname, args, kwds = request
+                    obj, exposed, _ = self.id_to_obj[ident]
+                    if methodname not in exposed:
+                        raise AttributeError(f"method {methodname!r} is not exposed")
+                    function = getattr(obj, methodname)
+                except Exception:
+                    reply(("#TRACEBACK", traceback.format_exc()))
+                    continue
+                try:
+                    result = function(*args, **kwds)
+                except Exception as e:
+                    reply(("#ERROR", e))
+                else:
+                    if result is not DEFERRED:
+                        reply(("#RETURN", result))
         finally:
             self.broker.connection_closed()
+            with lock:
+                conn.close()
 
 
 class _Proxy(managers.BaseProxy):
