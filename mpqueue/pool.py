@@ -101,7 +101,7 @@ class Child:
 
 
 class ProcessPool:
-    """``procs`` children, replaced as they die. Used from one thread only.
+    """``procs`` children, replaced as they die. Used under one lock, except `wait`.
 
     ``max_tasks`` recycles a child after that many jobs; ``max_memory`` (bytes
     of RSS) recycles one found over it between jobs and kills one that grows
@@ -146,25 +146,32 @@ class ProcessPool:
                 return True
         return False
 
-    def wait(self, timeout: float | None, wakeup: int) -> tuple[list[Outcome], list[Item]]:
-        """Wait for children to finish jobs or die, for a deadline, or for
-        ``wakeup`` to be readable. Returns the outcomes of finished jobs (those
-        of jobs whose child died or was killed included), and the jobs to run
-        again, one at a time: the rest of a batch whose child died."""
+    def wait(self, wakeup: int) -> list:
+        """Block until a child has finished jobs or died, a deadline is due, or
+        ``wakeup`` (a file descriptor) is readable. Returns what is ready, for
+        `handle`. Touches nothing: another thread may start jobs on idle
+        children meanwhile (their pipes are watched already), provided it makes
+        ``wakeup`` readable when a job it starts has a deadline."""
         now = time.monotonic()
         deadlines = [d for c in self.children if (d := c.deadline()) is not None]
         if self.max_memory and self.busy():
             deadlines.append(self._next_memory_check)
-        if deadlines:
-            until = max(0.0, min(deadlines) - now)
-            timeout = until if timeout is None else min(timeout, until)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
         # A child being killed may still send results; they no longer count.
+        watched = [c.conn for c in self.children if c.ending is None]
+        watched += [c.process.sentinel for c in self.children + self._retiring]
+        return wait([*watched, wakeup], timeout)
+
+    def handle(self, ready: list) -> tuple[list[Outcome], list[Item]]:
+        """Take what `wait` found ready. Returns the outcomes of finished jobs
+        (those of jobs whose child died or was killed included), and the jobs
+        to run again, one at a time: the rest of a batch whose child died."""
         by_conn = {c.conn: c for c in self.children if c.ending is None}
         by_sentinel = {c.process.sentinel: c for c in self.children + self._retiring}
         outcomes: list[Outcome] = []
         again: list[Item] = []
-        for ready in wait([*by_conn, *by_sentinel, wakeup], timeout):
-            child = by_conn.get(ready)
+        for ready_one in ready:
+            child = by_conn.get(ready_one)
             if child is not None:
                 try:
                     results = child.conn.recv()
@@ -173,7 +180,7 @@ class ProcessPool:
                 outcomes.extend(Outcome(i, Status(status), payload, retryable)
                                 for i, status, payload, retryable in results)
                 self._finished(child)
-            child = by_sentinel.get(ready)
+            child = by_sentinel.get(ready_one)
             if child is not None:
                 lost, rerun = self._reap(child)
                 outcomes.extend(lost)

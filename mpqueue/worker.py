@@ -2,16 +2,19 @@
 
 ::
 
-    fetch thread ──broker.fetch()──▶ inbox ──▶ main thread ──▶ ProcessPool children
-    report thread ◀── outbox ◀────────────────────┘   (results, and which jobs run now)
+    fetch thread ──broker.fetch()──▶ inbox ──▶ idle children (ProcessPool)
+    main thread ◀── results, deaths, deadlines ◀──────┘   (and starts the next jobs)
+    report thread ◀── outbox ◀───┘   (results, and which jobs run now)
          └──broker.report(): results in batches, and a heartbeat when idle
 
 Four threads, each blocking on its own thing: the fetch thread in the broker
 (it asks for at most as many jobs as the worker has room for: see `capacity`),
-the main thread on its children's pipes, sentinels and deadlines, the report
-thread on its outbox, and the control thread in the broker until there are
-jobs to withdraw (cancelled: dropped if not started, their child killed if
-they were) or the cluster's shutdown event is set.
+and hands what it gets to idle children itself, sparing a wakeup of the main
+thread; the main thread on its children's pipes, sentinels and deadlines; the
+report thread on its outbox; and the control thread in the broker until
+there are jobs to withdraw (cancelled: dropped if not started, their child
+killed if they were) or the cluster's shutdown event is set. The pool is
+used under the lock, except while the main thread waits on it.
 
 Stopping: the first SIGTERM or Ctrl-C (or the cluster's shutdown) is a warm
 stop: no more fetching, running jobs finish and their results are delivered.
@@ -86,6 +89,7 @@ class Worker:
         self._broker_id: str | None = None     # which broker we registered with
         self._orphans: set[int] = set()         # running jobs the broker no longer knows: not reported
         self._failure: BrokerUnavailable | None = None
+        self._pool: ProcessPool | None = None  # once serving; the fetch thread starts jobs on it
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -112,6 +116,8 @@ class Worker:
         try:
             self._serve(pool)
         finally:
+            with self._lock:
+                self._pool = None       # the fetch thread starts no more jobs
             if self._stop >= 2 or self._failure:
                 pool.kill_busy()
             with self._lock:
@@ -130,6 +136,8 @@ class Worker:
         return 0
 
     def _serve(self, pool: ProcessPool) -> None:
+        with self._lock:
+            self._pool = pool
         while True:
             with self._lock:
                 stop = self._stop
@@ -142,11 +150,7 @@ class Worker:
                         return
                 if self._requests:
                     self._withdraw(pool)
-                idle = pool.idle()
-                while idle and self._inbox:
-                    child = idle.pop()
-                    child.run(self._take_batch(pool, child))
-                self._note_running(pool)
+                self._start_jobs(pool)
                 self._capacity = capacity(self.procs, pool.job_seconds)
             if unstarted:       # other workers can run them while ours finish
                 try:
@@ -154,8 +158,10 @@ class Worker:
                 except BrokerUnavailable:
                     pass        # a broker that comes back has them queued again
                 continue
-            outcomes, again = pool.wait(None, self._wake_r)
+            ready = pool.wait(self._wake_r)
             self._drain_wakeups()
+            with self._lock:
+                outcomes, again = pool.handle(ready)
             if again:
                 with self._lock:
                     self._solo.update(task.id for task, _ in again)
@@ -177,6 +183,18 @@ class Worker:
                     self._lock.notify_all()
                 if direct and outcomes:
                     self._report_now(outcomes, running)
+
+    def _start_jobs(self, pool: ProcessPool) -> bool:
+        """Give idle children jobs from the inbox (lock held). Returns whether
+        one of them has a deadline for the main thread to watch."""
+        idle = pool.idle()
+        started = []
+        while idle and self._inbox:
+            child = idle.pop()
+            child.run(self._take_batch(pool, child))
+            started.append(child)
+        self._note_running(pool)
+        return any(c.deadline() is not None for c in started) or bool(started and pool.max_memory)
 
     def _note_running(self, pool: ProcessPool) -> None:
         """Record which jobs run now (lock held), versioned so that the broker
@@ -304,7 +322,11 @@ class Worker:
                     self._drop_on_arrival.difference_update(t.id for t in tasks)
                     self._inbox.extend((t, functions[t.fn]) for t in arrived)
                     self._in_hand += len(arrived)
-                self._wake()
+                    # Start them here, sparing the main thread a wakeup, unless
+                    # stopping (the main thread gives them back) or before it serves.
+                    wake = self._stop or self._pool is None or self._start_jobs(self._pool)
+                if wake:
+                    self._wake()
 
     def _withdraw(self, pool: ProcessPool) -> None:
         """Answer the broker's withdraw requests (with the lock held).
