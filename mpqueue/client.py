@@ -48,6 +48,10 @@ MAP_WINDOW = 1024
 
 #: Submits closer together than this are a burst, batched by the send thread.
 BURST_GAP = 0.001
+#: With no job pending, results received are acknowledged after this long,
+#: unless a new job comes first: its collect call carries the acknowledgement,
+#: which spares a call per job to a client that submits one at a time.
+ACK_DELAY = 0.1
 
 _UNSET: Any = object()
 
@@ -220,7 +224,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._max_pending = max_pending
         self._slots = threading.BoundedSemaphore(max_pending) if max_pending else None
         self._functions = _FunctionCache()
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()     # the collect thread and cancels wait on it
+        self._to_send = threading.Condition(self._lock)     # the send thread waits here
         self._futures: dict[int, JobFuture] = {}
         self._outbox: list[tuple[Submission, bytes]] = []
         self._sending = False
@@ -277,6 +282,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             alone = not self._sending and len(self._outbox) == 1 and now - self._last_submit > BURST_GAP
             self._last_submit = now
             if not alone:
+                self._to_send.notify()
                 self._lock.notify_all()
                 return future
             batch, self._outbox = self._outbox, []
@@ -290,6 +296,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             with self._lock:
                 self._futures.pop(seq, None)
                 self._sending = False
+                self._to_send.notify()
                 self._lock.notify_all()
             concurrent.futures.Future.cancel(future)
             raise
@@ -359,6 +366,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         """
         with self._lock:
             self._closed = True
+            self._to_send.notify()
             self._lock.notify_all()
             pending = list(self._futures.values())
         if cancel_futures and pending and self._failure is None:
@@ -376,7 +384,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             with self._lock:
                 # One batch in flight at a time (a lone submit may be sending).
                 while self._failure is None and (self._sending or (not self._outbox and not self._closed)):
-                    self._lock.wait()
+                    self._to_send.wait()
                 if not self._outbox or self._failure is not None:
                     return
                 batch, self._outbox = self._outbox, []
@@ -399,19 +407,26 @@ class Client(_Submitter, concurrent.futures.Executor):
             with self._lock:
                 self._sending = False
                 self._in_flight = set()
+                if self._outbox:
+                    self._to_send.notify()
                 self._lock.notify_all()
 
     def _collect_loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    while (not self._futures and self._ack == self._acked and not self._closed
-                           and self._failure is None):
-                        self._lock.wait()
+                    ack_by = time.monotonic() + ACK_DELAY
+                    while self._failure is None and not self._futures:
+                        if self._ack == self._acked:
+                            if self._closed:
+                                return      # everything collected and acknowledged
+                            self._lock.wait()
+                        elif self._closed or (left := ack_by - time.monotonic()) <= 0:
+                            break
+                        else:
+                            self._lock.wait(left)
                     if self._failure is not None:
                         return
-                    if not self._futures and self._ack == self._acked:
-                        return      # closed, and everything collected and acknowledged
                     wait = SETTINGS.wait_slice if self._futures else 0
                 ack = self._ack
                 batch = self._link.call(self._broker.collect, self.session, ack, wait)
@@ -460,6 +475,7 @@ class Client(_Submitter, concurrent.futures.Executor):
     def _lose(self, seqs: list[int], error: BaseException) -> None:
         with self._lock:
             futures = [f for seq in seqs if (f := self._futures.pop(seq, None)) is not None]
+            self._to_send.notify()      # a failure: it stops
             self._lock.notify_all()
         for future in futures:
             if not future.done():
@@ -471,7 +487,6 @@ class Client(_Submitter, concurrent.futures.Executor):
     def _resolve(self, delivery: Delivery) -> None:
         with self._lock:
             future = self._futures.pop(delivery.seq, None)
-            self._lock.notify_all()
         if future is None or future.done():
             return
         try:
