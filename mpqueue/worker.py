@@ -169,6 +169,7 @@ class Worker:
             if outcomes:
                 with self._lock:
                     self._finished.extend(o.id for o in outcomes)
+                    was_full = self._in_hand >= self._capacity
                     self._in_hand -= len(outcomes)
                     if self._orphans:
                         outcomes = [o for o in outcomes if o.id not in self._orphans]
@@ -180,7 +181,8 @@ class Worker:
                     direct = not self._inbox and not pool.busy() and not self._outbox
                     if not direct:
                         self._outbox.extend(outcomes)
-                    self._lock.notify_all()
+                    if was_full or not direct:     # the fetch thread, the report thread
+                        self._lock.notify_all()
                 if direct and outcomes:
                     self._report_now(outcomes, running)
 
