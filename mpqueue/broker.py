@@ -106,6 +106,7 @@ class _Parked:
     deadline: float                     # answered empty then
     worker: _Worker | None = None       # a fetch: whose, and how many jobs at most
     max_jobs: int = 0
+    urgent: bool = False                # a collect a thread waits on (`Broker.collect`)
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,8 +117,11 @@ class _Client:
     max_seq: int = 0            # its highest job number received: a batch sent again is skipped
     withdrawn: set = dataclasses.field(default_factory=set)  # its job numbers cancelled: a cancel asked again says so
     gone_since: float | None = None
-    woken: bool = False         # its parked collect returns, even empty (a cancel, a goodbye)
-    collector: _Parked | None = None
+    woken: bool = False         # its parked collects return, even empty (a cancel)
+    kicked: bool = False        # its next collect returns, even empty (see `Broker.collect`)
+    #: Its parked collect calls, answered from the end: urgent ones (a thread
+    #: waiting on a result, which saves a handoff) are put there.
+    collectors: list = dataclasses.field(default_factory=list)
 
 
 def _first_id() -> int:
@@ -234,8 +238,10 @@ class Broker:
             self._timer.notify()
         if parked.worker is not None:
             self._fetchers.append(parked)
+        elif parked.urgent:     # answered first (from the end)
+            self._clients[self._local.session].collectors.append(parked)
         else:
-            self._clients[self._local.session].collector = parked
+            self._clients[self._local.session].collectors.insert(0, parked)
 
     def _answer(self, parked: _Parked, value, error: bool = False) -> None:
         self._outgoing.append((parked.reply, ("#ERROR" if error else "#RETURN", value)))
@@ -263,10 +269,15 @@ class Broker:
             self._fetchers = waiting
         for session in self._nudged:
             client = self._clients.get(session)
-            if client is not None and client.collector is not None and (client.results or client.woken):
+            if client is None or not client.collectors:
+                continue
+            if client.woken:
                 client.woken = False
-                self._answer(client.collector, self._batch(client))
-                client.collector = None
+                for parked in client.collectors:
+                    self._answer(parked, self._batch(client))
+                client.collectors.clear()
+            elif client.results:
+                self._answer(client.collectors.pop(), self._batch(client))
         self._nudged.clear()
 
     def _run_timer(self) -> None:
@@ -279,12 +290,12 @@ class Broker:
                     self._fetchers.remove(parked)
                     self._answer(parked, ([], {}))
                 for client in self._clients.values():
-                    if client.collector is not None and client.collector.deadline <= now:
-                        self._answer(client.collector, self._batch(client))
-                        client.collector = None
+                    for parked in [p for p in client.collectors if p.deadline <= now]:
+                        client.collectors.remove(parked)
+                        self._answer(parked, self._batch(client))
             with self._lock:
                 times = [p.deadline for p in self._fetchers]
-                times += [c.collector.deadline for c in self._clients.values() if c.collector is not None]
+                times += [p.deadline for c in self._clients.values() for p in c.collectors]
                 if self._delayed:
                     times.append(self._delayed[0][0])
                 self._timer_at = min(times, default=None)
@@ -311,8 +322,8 @@ class Broker:
             reply = self._local.reply
             self._fetchers = deque(p for p in self._fetchers if p.reply is not reply)
             client = self._clients.get(session)
-            if client is not None and client.collector is not None and client.collector.reply is reply:
-                client.collector = None
+            if client is not None:
+                client.collectors = [p for p in client.collectors if p.reply is not reply]
             left = self._connections[session] - 1
             if left:
                 self._connections[session] = left
@@ -670,10 +681,18 @@ class Broker:
         client.results.append((number, delivery, time.monotonic()))
         self._nudged.add(job.client)
 
-    def collect(self, session: str, ack: int, wait: float) -> list[tuple[int, Delivery]]:
+    def collect(self, session: str, ack: int, wait: float, urgent: bool = False,
+                kick: bool = False) -> list[tuple[int, Delivery]]:
         """Drop this client's results numbered up to ``ack`` (it has them), then
         return the next ones; with none, park the call (`_Parked`) until there
-        are, for up to ``wait`` s."""
+        are, for up to ``wait`` s.
+
+        A client has two kinds of collect: its collect thread's, and an
+        ``urgent`` one from a thread waiting on a result, answered first. A
+        ``kick`` answers the client's other parked collects at once, or if none
+        is parked, the next one that comes: the collect thread took a result a
+        waiting thread wants, or the client is closing.
+        """
         with self._changing():
             self._bind(session)
             client = self._client(session)
@@ -683,12 +702,17 @@ class Broker:
                     results.popleft()
                 if self._journal is not None:
                     self._journal.acknowledged(session, ack)
-            if results or client.woken or wait <= 0:
+            kicked, client.kicked = client.kicked and not kick, client.kicked and kick
+            if kick:
+                for parked in client.collectors:
+                    self._answer(parked, self._batch(client))
+                client.kicked = not client.collectors
+                client.collectors.clear()
+            if results or client.woken or kicked or wait <= 0:
                 client.woken = False
                 return self._batch(client)
-            if client.collector is not None:    # left behind on a connection it no longer reads
-                self._answer(client.collector, [])
-            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice)))
+            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice),
+                               urgent=urgent))
             return DEFERRED
 
     @staticmethod
@@ -707,8 +731,8 @@ class Broker:
         with self._changing():
             client = self._clients.get(session)
             if client is not None:
-                if client.collector is not None:
-                    self._answer(client.collector, [])
+                for parked in client.collectors:
+                    self._answer(parked, [])
                 self._drop_client(session)
 
     def _drop_client(self, session: str) -> None:

@@ -137,6 +137,16 @@ class JobFuture(concurrent.futures.Future):
             return self.cancelled()
         return self._client._withdraw([self], force=False)[0]
 
+    def result(self, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._client._collect_for(self, deadline)
+        return super().result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._client._collect_for(self, deadline)
+        return super().exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
 
 class _Submitter:
     """`submit`, `map` and `options`: shared by `Client` and its option views."""
@@ -235,6 +245,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._closed = False
         self._failure: BaseException | None = None
         self._ack = self._acked = 0     # the last result number received, and acknowledged
+        self._caller_collecting = False  # a thread waiting on a result collects (_collect_for)
         self._broker, _ = connect(self.address, authkey)
         if reconnect_timeout is None:
             # Nobody restarts a private cluster's broker: no point waiting for one.
@@ -369,6 +380,13 @@ class Client(_Submitter, concurrent.futures.Executor):
             self._to_send.notify()
             self._lock.notify_all()
             pending = list(self._futures.values())
+        if not pending and self._failure is None and self._collector.is_alive():
+            # Its collect may be parked in the broker while a waiting thread
+            # collected: get it out, so that it sees we are closing.
+            try:
+                self._broker.collect(self.session, self._ack, 0, False, True)     # no reconnecting
+            except MpqueueError:
+                pass
         if cancel_futures and pending and self._failure is None:
             try:
                 self._withdraw(pending, force=False)
@@ -412,11 +430,12 @@ class Client(_Submitter, concurrent.futures.Executor):
                 self._lock.notify_all()
 
     def _collect_loop(self) -> None:
+        kick = False
         try:
             while True:
                 with self._lock:
                     ack_by = time.monotonic() + ACK_DELAY
-                    while self._failure is None and not self._futures:
+                    while self._failure is None and not self._futures and not kick:
                         if self._ack == self._acked:
                             if self._closed:
                                 return      # everything collected and acknowledged
@@ -428,16 +447,49 @@ class Client(_Submitter, concurrent.futures.Executor):
                     if self._failure is not None:
                         return
                     wait = SETTINGS.wait_slice if self._futures else 0
-                ack = self._ack
-                batch = self._link.call(self._broker.collect, self.session, ack, wait)
-                self._acked = ack
-                for number, delivery in batch:
-                    self._resolve(delivery)
-                    self._ack = number
+                # A thread collecting for its own result may be parked for
+                # one we just resolved: the next call gets it out.
+                kick = self._collect(wait, kick=kick) and self._caller_collecting
         except MpqueueError as e:
             self._fail(e)
         finally:
             self._leave()
+
+    def _collect(self, wait: float, urgent: bool = False, kick: bool = False) -> bool:
+        """One collect call: acknowledge what we have, resolve what comes.
+        Returns whether anything came."""
+        ack = self._ack
+        batch = self._link.call(self._broker.collect, self.session, ack, wait, urgent, kick)
+        with self._lock:
+            self._acked = max(self._acked, ack)
+        for number, delivery in batch:
+            self._resolve(delivery)
+            with self._lock:
+                self._ack = max(self._ack, number)
+        return bool(batch)
+
+    def _collect_for(self, future: JobFuture, deadline: float | None) -> None:
+        """Wait for ``future`` by collecting in this thread, which spares the
+        handoff from the collect thread: the broker answers this call first.
+        One thread at a time; the others, and this one after any trouble,
+        wait for the collect thread as usual."""
+        with self._lock:
+            if (future.done() or self._caller_collecting or self._failure is not None
+                    or threading.current_thread() is self._collector):
+                return
+            self._caller_collecting = True
+        try:
+            while not future.done():
+                wait = SETTINGS.wait_slice if deadline is None else min(SETTINGS.wait_slice,
+                                                                        deadline - time.monotonic())
+                if wait <= 0:
+                    return
+                self._collect(wait, urgent=True)
+        except MpqueueError:
+            return      # the collect thread meets it too, and fails the futures
+        finally:
+            with self._lock:
+                self._caller_collecting = False
 
     def _rejoin(self) -> None:
         """Register again with a broker that came back.
