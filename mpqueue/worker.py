@@ -85,6 +85,7 @@ class Worker:
         self._solo: set[int] = set()        # in a batch whose child died: run alone
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
         self._reporting = False
+        self._fetcher_waits = False         # the fetch thread waits for room
         self._heartbeat = SETTINGS.heartbeat_interval
         self._broker_id: str | None = None     # which broker we registered with
         self._orphans: set[int] = set()         # running jobs the broker no longer knows: not reported
@@ -169,7 +170,6 @@ class Worker:
             if outcomes:
                 with self._lock:
                     self._finished.extend(o.id for o in outcomes)
-                    was_full = self._in_hand >= self._capacity
                     self._in_hand -= len(outcomes)
                     if self._orphans:
                         outcomes = [o for o in outcomes if o.id not in self._orphans]
@@ -181,7 +181,7 @@ class Worker:
                     direct = not self._inbox and not pool.busy() and not self._outbox
                     if not direct:
                         self._outbox.extend(outcomes)
-                    if was_full or not direct:     # the fetch thread, the report thread
+                    if self._fetcher_waits or not direct:   # room for it, or something to report
                         self._lock.notify_all()
                 if direct and outcomes:
                     self._report_now(outcomes, running)
@@ -303,7 +303,9 @@ class Worker:
                 full_until = time.monotonic() + SETTINGS.wait_slice
                 while (not self._stop and self._in_hand >= self._capacity
                        and (left := full_until - time.monotonic()) > 0):
+                    self._fetcher_waits = True
                     self._lock.wait(left)
+                self._fetcher_waits = False
                 if self._stop:
                     return
                 room = max(0, self._capacity - self._in_hand)
