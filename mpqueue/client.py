@@ -46,7 +46,8 @@ log = logging.getLogger("mpqueue.client")
 #: ``max_pending`` does not say.
 MAP_WINDOW = 1024
 
-#: Submits closer together than this are a burst, batched by the send thread.
+#: Submits closer together than this, while jobs are pending, are a burst,
+#: batched by the send thread.
 BURST_GAP = 0.001
 #: With no job pending, results received are acknowledged after this long,
 #: unless a new job comes first: its collect call carries the acknowledgement,
@@ -286,11 +287,13 @@ class Client(_Submitter, concurrent.futures.Executor):
             if self._slots is not None:
                 future.add_done_callback(lambda f: self._slots.release())
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
-            # A lone submit (not part of a burst) is sent from this thread at
-            # once: a handoff to the send thread would cost it latency, and
-            # there is nothing for a batch to gather.
+            # A lone submit (not part of a burst: no other job pending, or
+            # none submitted for a while) is sent from this thread at once: a
+            # handoff to the send thread would cost it latency, and there is
+            # nothing for a batch to gather.
             now = time.monotonic()
-            alone = not self._sending and len(self._outbox) == 1 and now - self._last_submit > BURST_GAP
+            alone = (not self._sending and len(self._outbox) == 1
+                     and (len(self._futures) == 1 or now - self._last_submit > BURST_GAP))
             self._last_submit = now
             if not alone:
                 self._to_send.notify()
