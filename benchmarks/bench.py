@@ -338,12 +338,57 @@ class Cluster:
 # -- the workloads: one function per (workload, system) ----------------------------------
 # Each takes a `Runner` and returns a dict of figures.
 
+def context_switches(pids: list[int]) -> int | None:
+    """Voluntary context switches so far (sleeps ended by a wakeup) of all the
+    threads of these processes; None where /proc does not tell (not Linux)."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    total += sum(int(line.split()[1]) for line in f
+                                 if line.startswith("voluntary_ctxt_switches:"))
+            except OSError:
+                pass    # the thread ended
+    return total
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it, now (from /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
 class MpqueueRunner:
     name = "mpqueue"
 
-    def __init__(self, client: mpqueue.Client, address: str, authkey: str):
+    def __init__(self, client: mpqueue.Client, cluster: "Cluster"):
         self.client = client
-        self.address, self.authkey = address, authkey
+        self.cluster = cluster
+        self.address, self.authkey = cluster.address, cluster.authkey
+
+    def processes(self) -> list[int]:
+        """This process (the client), the broker, the worker and its children."""
+        return [os.getpid(), self.cluster.broker.pid, *descendants(self.cluster.worker.pid)]
 
     def map(self, fn, items):
         """``mpqueue.Pool.map`` with its automatic chunk size: (results, wall seconds)."""
@@ -373,6 +418,9 @@ class PoolRunner:
 
     def __init__(self, pool):
         self.pool = pool
+
+    def processes(self) -> list[int]:
+        return [os.getpid(), *(p.pid for p in self.pool._pool)]
 
     def many(self, fn, args_list, timeout=WORKLOAD_TIMEOUT):
         apply = self.pool.apply_async
@@ -411,14 +459,17 @@ def w2_latency(runner, p) -> dict:
     for i in range(10):                         # not timed
         runner.round_trip(noop, i)
     samples = []
+    switches = context_switches(runner.processes())
     for i in range(p["w2_trips"]):
         t0 = time.perf_counter()
         value = runner.round_trip(noop, i)
         samples.append((time.perf_counter() - t0) * 1000)
         if value != i:
             raise BenchError(f"{runner.name} W2: wrong result")
+    if switches is not None:
+        switches = (context_switches(runner.processes()) - switches) / len(samples)
     return {"trips": len(samples), "median_ms": median(samples), "p99_ms": percentile(samples, 99),
-            "max_ms": max(samples), "samples_ms": samples}
+            "max_ms": max(samples), "switches_per_trip": switches, "samples_ms": samples}
 
 
 def w3_efficiency(runner, p) -> dict:
@@ -516,6 +567,9 @@ def build_rows(raw: dict) -> list[tuple]:
                  med("Pool", "W2", "median_ms"), "lower", "{:.3f}"))
     rows.append((f"W2 {trips} round trips", "p99 latency (ms)", med("mpqueue", "W2", "p99_ms"),
                  med("Pool", "W2", "p99_ms"), "lower", "{:.3f}"))
+    if raw["mpqueue"]["W2"][0]["switches_per_trip"] is not None:
+        rows.append((f"W2 {trips} round trips", "wakeups per round trip", med("mpqueue", "W2", "switches_per_trip"),
+                     med("Pool", "W2", "switches_per_trip"), "lower", "{:.1f}"))
     rows.append((f"W3 {raw['params']['w3_jobs']} x {raw['params']['w3_ms']:.0f} ms CPU",
                  "parallel efficiency (%)", med("mpqueue", "W3", "efficiency") * 100,
                  med("Pool", "W3", "efficiency") * 100, "higher", "{:.1f}"))
@@ -629,7 +683,7 @@ def main() -> int:
         log(f"warm-up done on mpqueue children {sorted(pids)}")
 
         p["blob"] = os.urandom(p["w4_bytes"])
-        runners = [MpqueueRunner(client, cluster.address, cluster.authkey), PoolRunner(pool)]
+        runners = [MpqueueRunner(client, cluster), PoolRunner(pool)]
         for name, fn in WORKLOADS:
             for r in runners:
                 raw[r.name][name] = []

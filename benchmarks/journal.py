@@ -59,7 +59,7 @@ def main() -> int:
             clients.append(client)
             run_with_timeout(lambda: [f.result(60) for f in [client.submit(warmup_job, 0.2) for _ in range(4)]],
                              90, "warm-up")
-            runner = MpqueueRunner(client, cluster.address, cluster.authkey)
+            runner = MpqueueRunner(client, cluster)
             runner.name = name
             runners.append(runner)
         for workload, fn in WORKLOADS:
