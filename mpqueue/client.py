@@ -458,11 +458,12 @@ class Client(_Submitter, concurrent.futures.Executor):
         finally:
             self._leave()
 
-    def _collect(self, wait: float, urgent: bool = False, kick: bool = False) -> bool:
+    def _collect(self, wait: float, urgent: bool = False, kick: bool = False, reconnect: bool = True) -> bool:
         """One collect call: acknowledge what we have, resolve what comes.
         Returns whether anything came."""
         ack = self._ack
-        batch = self._link.call(self._broker.collect, self.session, ack, wait, urgent, kick)
+        args = (self.session, ack, wait, urgent, kick)
+        batch = self._link.call(self._broker.collect, *args) if reconnect else self._broker.collect(*args)
         with self._lock:
             self._acked = max(self._acked, ack)
         for number, delivery in batch:
@@ -475,7 +476,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         """Wait for ``future`` by collecting in this thread, which spares the
         handoff from the collect thread: the broker answers this call first.
         One thread at a time; the others, and this one after any trouble,
-        wait for the collect thread as usual."""
+        wait for the collect thread as usual (this one does not wait for a
+        reconnect: it has a timeout to keep)."""
         with self._lock:
             if (future.done() or self._caller_collecting or self._failure is not None
                     or threading.current_thread() is self._collector):
@@ -487,7 +489,7 @@ class Client(_Submitter, concurrent.futures.Executor):
                                                                         deadline - time.monotonic())
                 if wait <= 0:
                     return
-                self._collect(wait, urgent=True)
+                self._collect(wait, urgent=True, reconnect=False)
         except MpqueueError:
             return      # the collect thread meets it too, and fails the futures
         finally:
