@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import socket
 import struct
 from multiprocessing import connection
 
@@ -43,17 +44,49 @@ class _Pieces(list):
         self.append(data)
 
 
+def _message(obj) -> list:
+    """A message's pieces: its length, then its pickle (see the module docstring)."""
+    pieces = _Pieces()
+    pickle.Pickler(pieces, pickle.HIGHEST_PROTOCOL).dump(obj)
+    size = sum(map(len, pieces))
+    return [_SHORT.pack(size) if size <= 0x7fffffff else _LONG.pack(-1, size), *pieces]
+
+
+def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``views`` once ``sent`` bytes of them went."""
+    while views and sent >= len(views[0]):
+        sent -= len(views.pop(0))
+    if sent:
+        views[0] = views[0][sent:]
+    return views
+
+
 class Connection(connection.Connection):
     peer: str | None = None     # set by the broker, for its log
+    #: Whether one thread may send while another reads (`send_nowait` works).
+    concurrent_send = True
 
     def send(self, obj) -> None:
         self._check_closed()
         self._check_writable()
-        pieces = _Pieces()
-        pickle.Pickler(pieces, pickle.HIGHEST_PROTOCOL).dump(obj)
-        size = sum(map(len, pieces))
-        header = _SHORT.pack(size) if size <= 0x7fffffff else _LONG.pack(-1, size)
-        self._send_pieces([header, *pieces])
+        self._send_pieces(_message(obj))
+
+    def send_nowait(self, obj) -> list[memoryview]:
+        """Send as much of a message as the socket takes now, without
+        blocking; return the rest, for `send_rest` (empty if all went)."""
+        self._check_closed()
+        views = [memoryview(p) for p in _message(obj)]
+        sock = socket.socket(fileno=self._handle)
+        try:
+            sent = sock.sendmsg(views[:_IOV_MAX], [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        finally:
+            sock.detach()
+        return _advance(views, sent)
+
+    def send_rest(self, views: list[memoryview]) -> None:
+        self._send_pieces(views)
 
     def recv(self):
         self._check_closed()
@@ -76,11 +109,7 @@ class Connection(connection.Connection):
     def _send_pieces(self, pieces: list) -> None:
         views = [memoryview(p) for p in pieces]
         while views:
-            sent = os.writev(self._handle, views[:_IOV_MAX])
-            while views and sent >= len(views[0]):
-                sent -= len(views.pop(0))
-            if sent:
-                views[0] = views[0][sent:]
+            views = _advance(views, os.writev(self._handle, views[:_IOV_MAX]))
 
     def _read(self, size: int, first: bool = False) -> bytearray:
         """Exactly ``size`` bytes. EOFError if the peer closed before the

@@ -243,7 +243,11 @@ def Client(address: tuple[str, int], authkey: bytes,
 
 class _TLSConnection(Connection):
     """A `Connection` over an `ssl.SSLSocket`. The stdlib class reads and writes
-    its file descriptor directly (os.read/os.write), which would bypass TLS."""
+    its file descriptor directly (os.read/os.write), which would bypass TLS.
+    OpenSSL does not allow one thread to write an SSL object while another
+    reads it: the broker sends on it only from the thread that reads it."""
+
+    concurrent_send = False
 
     def __init__(self, sock: ssl.SSLSocket):
         super().__init__(sock.fileno())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import socket
 import threading
 import time
@@ -128,6 +129,12 @@ class BrokerServer(managers.Server):
         later, by whichever thread makes its answer possible (see
         `Broker.fetch`), through the ``reply`` function handed to the broker
         here. This thread goes back to reading at once.
+
+        ``reply`` never blocks its caller on this peer, which may not be
+        reading (stopped, or its network down): what the socket does not take
+        at once is sent by a thread of its own. Over TLS, which allows no
+        second thread on the connection, this thread waits for the answer
+        and sends it itself.
         """
         sock = socket.socket(fileno=conn.fileno())
         try:
@@ -136,20 +143,40 @@ class BrokerServer(managers.Server):
             peer = None     # already gone; serving it will end at once
         finally:
             sock.detach()
-        lock = threading.Lock()     # a deferred answer against this thread's close
+        lock = threading.Lock()     # one sender at a time, and none after close
+
+        def send(message, rest=None) -> None:
+            with lock:
+                if conn.closed:
+                    return
+                try:
+                    try:
+                        if rest is not None:
+                            conn.send_rest(rest)
+                        else:
+                            conn.send(message)
+                    except (OSError, EOFError):
+                        raise
+                    except Exception:       # the answer does not pickle (nothing was sent)
+                        conn.send(("#UNSERIALIZABLE", traceback.format_exc()))
+                except (OSError, EOFError):
+                    pass    # it is gone: its thread finds out when it reads
 
         def reply(message) -> None:
             with lock:
                 if conn.closed:
                     return
                 try:
-                    conn.send(message)
+                    rest = conn.send_nowait(message)
                 except (OSError, EOFError):
-                    pass    # it is gone: its thread finds out when it reads
-                except Exception:       # the answer does not pickle (nothing was sent)
-                    conn.send(("#UNSERIALIZABLE", traceback.format_exc()))
+                    return
+                except Exception:
+                    rest = None
+            if rest is None or rest:
+                threading.Thread(target=send, args=(message, rest), daemon=True).start()
 
-        self.broker.connection_opened(peer, reply)
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        self.broker.connection_opened(peer, reply if conn.concurrent_send else answers.put)
         try:
             while True:
                 try:
@@ -163,15 +190,17 @@ class BrokerServer(managers.Server):
                         raise AttributeError(f"method {methodname!r} is not exposed")
                     function = getattr(obj, methodname)
                 except Exception:
-                    reply(("#TRACEBACK", traceback.format_exc()))
+                    send(("#TRACEBACK", traceback.format_exc()))
                     continue
                 try:
                     result = function(*args, **kwds)
                 except Exception as e:
-                    reply(("#ERROR", e))
+                    send(("#ERROR", e))
                 else:
                     if result is not DEFERRED:
-                        reply(("#RETURN", result))
+                        send(("#RETURN", result))
+                    elif not conn.concurrent_send:
+                        send(answers.get())
         finally:
             self.broker.connection_closed()
             with lock:
