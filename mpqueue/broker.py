@@ -118,7 +118,7 @@ class _Client:
     withdrawn: set = dataclasses.field(default_factory=set)  # its job numbers cancelled: a cancel asked again says so
     gone_since: float | None = None
     woken: bool = False         # its parked collects return, even empty (a cancel)
-    kicked: bool = False        # its next collect returns, even empty (see `Broker.collect`)
+    kicked: tuple | None = None  # (kind, by whom) of a kick that found nothing parked (`Broker.collect`)
     #: Its parked collect calls, answered from the end: urgent ones (a thread
     #: waiting on a result, which saves a handoff) are put there.
     collectors: list = dataclasses.field(default_factory=list)
@@ -283,16 +283,11 @@ class Broker:
     def _run_timer(self) -> None:
         """Queue retries when due, and answer parked calls whose wait ran out."""
         while True:
-            with self._changing():
-                now = time.monotonic()
-                self._promote_due()
-                for parked in [p for p in self._fetchers if p.deadline <= now]:
-                    self._fetchers.remove(parked)
-                    self._answer(parked, ([], {}))
-                for client in self._clients.values():
-                    for parked in [p for p in client.collectors if p.deadline <= now]:
-                        client.collectors.remove(parked)
-                        self._answer(parked, self._batch(client))
+            try:
+                self._expire()
+            except Exception:   # a bug of ours, or the journal failing: say so, go on
+                log.exception("internal error in the broker's timer")
+                time.sleep(1)
             with self._lock:
                 times = [p.deadline for p in self._fetchers]
                 times += [p.deadline for c in self._clients.values() for p in c.collectors]
@@ -301,6 +296,19 @@ class Broker:
                 self._timer_at = min(times, default=None)
                 self._timer.wait(None if self._timer_at is None else max(0.0, self._timer_at - time.monotonic()))
                 self._timer_at = None
+
+    def _expire(self) -> None:
+        """Queue the retries now due; answer the parked calls whose wait ran out."""
+        with self._changing():
+            now = time.monotonic()
+            self._promote_due()
+            for parked in [p for p in self._fetchers if p.deadline <= now]:
+                self._fetchers.remove(parked)
+                self._answer(parked, ([], {}))
+            for client in self._clients.values():
+                for parked in [p for p in client.collectors if p.deadline <= now]:
+                    client.collectors.remove(parked)
+                    self._answer(parked, self._batch(client))
 
     # -- sessions ---------------------------------------------------------
 
@@ -682,32 +690,39 @@ class Broker:
         self._nudged.add(job.client)
 
     def collect(self, session: str, ack: int, wait: float, urgent: bool = False,
-                kick: bool = False) -> list[tuple[int, Delivery]]:
+                kick: str | None = None) -> list[tuple[int, Delivery]]:
         """Drop this client's results numbered up to ``ack`` (it has them), then
         return the next ones; with none, park the call (`_Parked`) until there
         are, for up to ``wait`` s.
 
         A client has two kinds of collect: its collect thread's, and an
         ``urgent`` one from a thread waiting on a result, answered first. A
-        ``kick`` answers the client's other parked collects at once, or if none
-        is parked, the next one that comes: the collect thread took a result a
-        waiting thread wants, or the client is closing.
+        ``kick`` answers parked collects of the client at once: "waiting", the
+        urgent ones (their result was settled elsewhere: taken by the collect
+        thread, or cancelled); "closing", all of them. If none is parked, it
+        answers the next such call from another connection as it comes.
         """
         with self._changing():
             self._bind(session)
-            client = self._client(session)
+            client = self._clients.get(session) if kick else self._client(session)
+            if client is None:
+                return []       # a kick after its goodbye: nothing to get out
             results = client.results
             if results and results[0][0] <= ack:
                 while results and results[0][0] <= ack:
                     results.popleft()
                 if self._journal is not None:
                     self._journal.acknowledged(session, ack)
-            kicked, client.kicked = client.kicked and not kick, client.kicked and kick
+            kicked = (client.kicked is not None and client.kicked[1] is not self._local.reply
+                      and (urgent or client.kicked[0] == "closing"))
+            if kicked:
+                client.kicked = None
             if kick:
-                for parked in client.collectors:
+                targets = [p for p in client.collectors if p.urgent or kick == "closing"]
+                for parked in targets:
+                    client.collectors.remove(parked)
                     self._answer(parked, self._batch(client))
-                client.kicked = not client.collectors
-                client.collectors.clear()
+                client.kicked = None if targets else (kick, self._local.reply)
             if results or client.woken or kicked or wait <= 0:
                 client.woken = False
                 return self._batch(client)

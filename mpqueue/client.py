@@ -368,6 +368,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             self._lock.notify_all()
         for future in withdrawn:
             concurrent.futures.Future.cancel(future)
+        if withdrawn and self._caller_collecting:
+            self._kick("waiting")
         return [future.cancelled() for future in futures]
 
     # -- closing ----------------------------------------------------------------
@@ -386,10 +388,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         if not pending and self._failure is None and self._collector.is_alive():
             # Its collect may be parked in the broker while a waiting thread
             # collected: get it out, so that it sees we are closing.
-            try:
-                self._broker.collect(self.session, self._ack, 0, False, True)     # no reconnecting
-            except MpqueueError:
-                pass
+            self._kick("closing")
         if cancel_futures and pending and self._failure is None:
             try:
                 self._withdraw(pending, force=False)
@@ -428,12 +427,12 @@ class Client(_Submitter, concurrent.futures.Executor):
             with self._lock:
                 self._sending = False
                 self._in_flight = set()
-                if self._outbox:
+                if self._outbox or self._closed:
                     self._to_send.notify()
                 self._lock.notify_all()
 
     def _collect_loop(self) -> None:
-        kick = False
+        kick = False        # whether a thread collecting for itself may wait for what we took
         try:
             while True:
                 with self._lock:
@@ -452,20 +451,21 @@ class Client(_Submitter, concurrent.futures.Executor):
                     wait = SETTINGS.wait_slice if self._futures else 0
                 # A thread collecting for its own result may be parked for
                 # one we just resolved: the next call gets it out.
-                kick = self._collect(wait, kick=kick) and self._caller_collecting
+                kick = self._collect(wait, kick="waiting" if kick else None) and self._caller_collecting
         except MpqueueError as e:
             self._fail(e)
         finally:
             self._leave()
 
-    def _collect(self, wait: float, urgent: bool = False, kick: bool = False, reconnect: bool = True) -> bool:
+    def _collect(self, wait: float, urgent: bool = False, kick: str | None = None, reconnect: bool = True) -> bool:
         """One collect call: acknowledge what we have, resolve what comes.
         Returns whether anything came."""
-        ack = self._ack
-        args = (self.session, ack, wait, urgent, kick)
-        batch = self._link.call(self._broker.collect, *args) if reconnect else self._broker.collect(*args)
+        def call():     # made again after a reconnect: with the acknowledgement due then
+            ack = self._ack
+            return ack, self._broker.collect(self.session, ack, wait, urgent, kick)
+        ack, batch = self._link.call(call) if reconnect else call()
         with self._lock:
-            self._acked = max(self._acked, ack)
+            self._acked = min(max(self._acked, ack), self._ack)
         for number, delivery in batch:
             self._resolve(delivery)
             with self._lock:
@@ -495,6 +495,18 @@ class Client(_Submitter, concurrent.futures.Executor):
         finally:
             with self._lock:
                 self._caller_collecting = False
+                closing = self._closed and not self._futures
+            if closing:
+                self._kick("closing")   # the collect thread may be parked, with nothing left to wait for
+
+    def _kick(self, kind: str) -> None:
+        """Get this client's collect calls parked in the broker out at once
+        (see `Broker.collect`): "waiting", one a thread collecting for itself
+        waits in, for a future settled here; "closing", the collect thread's."""
+        try:
+            self._broker.collect(self.session, self._ack, 0, False, kind)
+        except MpqueueError:
+            pass
 
     def _rejoin(self) -> None:
         """Register again with a broker that came back.
