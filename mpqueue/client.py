@@ -8,9 +8,12 @@
 `submit` pickles the arguments in the caller's thread (so an unpicklable one
 fails that call, and nothing else) and leaves the job in an outbox; a send
 thread ships whatever has gathered in one round trip, so jobs batch up by
-themselves while a call is in flight. A collect thread blocks in the broker
-until results exist and resolves the futures; each call acknowledges the
-previous batch, and only then does the broker forget it.
+themselves while a call is in flight (a lone submit goes from the caller's
+thread). A collect thread blocks in the broker until results exist and
+resolves the futures; each call acknowledges the previous batch, and only
+then does the broker forget it. A thread blocked in `JobFuture.result`
+collects for itself meanwhile, and the broker answers it first: a result
+reaches the thread waiting for it without a handoff between threads.
 
 ``max_pending`` is a semaphore: `submit` takes a slot, a finished future gives
 it back, so a user can feed a million items without filling the broker.
