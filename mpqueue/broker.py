@@ -233,15 +233,24 @@ class Broker:
 
     # -- parked calls -------------------------------------------------------
 
-    def _park(self, parked: _Parked) -> None:
-        if self._timer_at is None or parked.deadline < self._timer_at:
-            self._timer.notify()
+    def _park(self, wait: float, worker: _Worker | None = None, max_jobs: int = 0,
+              urgent: bool = False) -> object:
+        """Park this connection's call for up to ``wait`` s; returns `DEFERRED`."""
+        parked = _Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice),
+                         worker, max_jobs, urgent)
+        self._wake_timer(parked.deadline)
         if parked.worker is not None:
             self._fetchers.append(parked)
         elif parked.urgent:     # answered first (from the end)
             self._clients[self._local.session].collectors.append(parked)
         else:
             self._clients[self._local.session].collectors.insert(0, parked)
+        return DEFERRED
+
+    def _wake_timer(self, at: float) -> None:
+        """The timer thread must act at ``at``: wake it if it sleeps past that."""
+        if self._timer_at is None or at < self._timer_at:
+            self._timer.notify()
 
     def _answer(self, parked: _Parked, value, error: bool = False) -> None:
         self._outgoing.append((parked.reply, ("#ERROR" if error else "#RETURN", value)))
@@ -487,18 +496,16 @@ class Broker:
         delay = job.options.retry_delay * 2 ** (tries - 1) * random.uniform(0.5, 1.5)
         due = time.monotonic() + min(self.settings.retry_delay_cap, delay)
         heapq.heappush(self._delayed, (due, job.task.id))
-        if self._timer_at is None or due < self._timer_at:
-            self._timer.notify()    # it queues the job when due
+        self._wake_timer(due)       # it queues the job when due
 
-    def _promote_due(self) -> float | None:
-        """Queue the delayed jobs now due; return when the next one will be."""
+    def _promote_due(self) -> None:
+        """Queue the delayed jobs now due."""
         now = time.monotonic()
         while self._delayed and self._delayed[0][0] <= now:
             _, job_id = heapq.heappop(self._delayed)
             job = self._jobs.get(job_id)
             if job is not None and job.worker is None and not job.queued:
                 self._push(job)
-        return self._delayed[0][0] if self._delayed else None
 
     def _pop(self) -> _Job | None:
         while self._queue:
@@ -560,9 +567,7 @@ class Broker:
             leased = self._lease(worker, max_jobs)
             if leased[0] or wait <= 0:
                 return leased
-            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice),
-                               worker, max_jobs))
-            return DEFERRED
+            return self._park(wait, worker, max_jobs)
 
     def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
         """Queued jobs for a worker: ``(tasks, functions)``.
@@ -726,9 +731,7 @@ class Broker:
             if results or client.woken or kicked or wait <= 0:
                 client.woken = False
                 return self._batch(client)
-            self._park(_Parked(self._local.reply, time.monotonic() + min(wait, self.settings.wait_slice),
-                               urgent=urgent))
-            return DEFERRED
+            return self._park(wait, urgent=urgent)
 
     @staticmethod
     def _batch(client: _Client) -> list[tuple[int, Delivery]]:

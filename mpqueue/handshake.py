@@ -43,7 +43,6 @@ from .connection import Connection
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, VersionMismatch
 
 
-
 def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
