@@ -507,7 +507,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         (see `Broker.collect`): "waiting", one a thread collecting for itself
         waits in, for a future settled here; "closing", the collect thread's."""
         try:
-            self._broker.collect(self.session, self._ack, 0, False, kind)
+            self._collect(0, kick=kind, reconnect=False)
         except MpqueueError:
             pass
 
