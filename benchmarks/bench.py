@@ -76,6 +76,8 @@ import time
 import uuid
 from collections import Counter
 
+import psutil
+
 import mpqueue
 
 TAG_VAR = "MPQUEUE_BENCH_TAG"
@@ -359,25 +361,6 @@ def context_switches(pids: list[int]) -> int | None:
     return total
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it, now (from /proc; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        found.append(todo.pop())
-        todo.extend(children.get(found[-1], []))
-    return found
-
-
 class MpqueueRunner:
     name = "mpqueue"
 
@@ -388,7 +371,9 @@ class MpqueueRunner:
 
     def processes(self) -> list[int]:
         """This process (the client), the broker, the worker and its children."""
-        return [os.getpid(), self.cluster.broker.pid, *descendants(self.cluster.worker.pid)]
+        worker = psutil.Process(self.cluster.worker.pid)
+        return [os.getpid(), self.cluster.broker.pid, worker.pid,
+                *(p.pid for p in worker.children(recursive=True))]
 
     def map(self, fn, items):
         """``mpqueue.Pool.map`` with its automatic chunk size: (results, wall seconds)."""
