@@ -358,7 +358,8 @@ class Broker:
     def connection_opened(self, peer: str | None, reply: Callable[[tuple], None]) -> None:
         """Called by the server when a connection is authenticated, in that
         connection's thread, with the peer's IP address (hostnames can be alike:
-        containers, cloned machines; addresses on one network are not) and how
+        containers, cloned machines; addresses on one network are not), or
+        "local" for one on our local socket (`handshake`), and how
         to answer a call of this connection later (`_Parked`)."""
         self._local.peer = peer
         self._local.reply = reply

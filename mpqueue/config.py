@@ -59,6 +59,10 @@ class Settings:
     #: A worker prefetches about this much work per proc (by its measured job
     #: time): one job when jobs are long, many when they are tiny.
     prefetch_seconds: float = 0.02
+    #: 1: a broker on Linux also listens on a local (Unix) socket, which the
+    #: processes on its host use instead of TCP (`handshake`). 0: it does
+    #: not, and all traffic crosses TCP (for a proxy in between, say).
+    local_socket: float = 1.0
 
     @classmethod
     def from_env(cls) -> "Settings":

@@ -20,6 +20,16 @@ a 4-byte length and JSON (nothing is unpickled before it succeeds)::
 peer sends its hello at once too; a TLS broker answers a plain one with
 {"refused": "tls"}. After the handshake, messages are multiprocessing's
 (length-prefixed pickles of the manager protocol), through `connection.Connection`.
+
+**The local socket.** On Linux the broker also listens on a Unix socket with
+a random name in the abstract namespace, and its "ok" names it, with its pid:
+``"local": [name, pid]``. A process that can reach it (on the broker's host,
+in its network namespace) makes its connections there instead, with the same
+handshake: a loopback TCP message costs several times what a Unix socket's
+does (on a small VM, ~70-140 us of the sender's CPU against ~4), and every
+job crosses four of them. The name is only learnt by authenticated peers; the
+peer's pid (SO_PEERCRED) must be the broker's, so a process that takes the
+name over after the broker exits is not taken for it.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import socket
 import ssl
@@ -44,6 +55,9 @@ from .errors import AuthenticationError, BrokerUnavailable, ConfigError, Version
 
 
 def tune(sock: socket.socket) -> None:
+    if sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):
@@ -57,6 +71,7 @@ def tune(sock: socket.socket) -> None:
 _FRAME = struct.Struct("!i")
 _MAX_FRAME = 1024
 _TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake record)
+_PEERCRED = struct.Struct("3i")    # SO_PEERCRED: pid, uid, gid
 
 #: What a process tells the broker about itself when it connects. Pickles made
 #: with one Python minor version or cloudpickle major version may not load
@@ -133,10 +148,12 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[bytes, dict]:
     return data, message
 
 
-def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> Connection:
+def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
+           local: str | None = None) -> Connection:
     """The broker's side of a new connection's handshake, within SETTINGS.connect_timeout.
 
     With ``tls``, a TLS handshake first (which checks the peer's certificate).
+    ``local``: the name of our local socket, to offer (see the module docstring).
     Then we send our nonce at once, without waiting: a legacy multiprocessing
     client (HMAC-MD5) expects its own challenge format and gives up on ours.
     Raises `Refused` with the reason, having closed the socket.
@@ -169,7 +186,10 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> C
             _send_frame(sock, {"refused": "version", **VERSIONS})
             raise Refused(f"version mismatch: it runs {_describe(theirs)}; "
                            f"this broker runs {_describe(VERSIONS)}")
-        _send_frame(sock, {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)})
+        ok = {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)}
+        if local is not None:
+            ok["local"] = [local, os.getpid()]
+        _send_frame(sock, ok)
         sock.settimeout(None)
         return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
     except BaseException as e:
@@ -186,13 +206,64 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None) -> C
         raise
 
 
+#: Brokers (by address) whose local socket this process reaches: (name, pid).
+_local_sockets: dict[tuple[str, int], tuple[str, int]] = {}
+
+
 def Client(address: tuple[str, int], authkey: bytes,
            tls: ssl.SSLContext | None = None) -> Connection:
     """Connect and run the handshake (TLS first, with ``tls``), within
-    ``SETTINGS.connect_timeout``. Raises mpqueue's errors for a refusal."""
+    ``SETTINGS.connect_timeout``: over the broker's local socket if this
+    process reaches it (see the module docstring), else over TCP. Raises
+    mpqueue's errors for a refusal."""
+    address = tuple(address)
+    local = _local_sockets.get(address)
+    if local is not None:
+        conn = _connect_local(local, address, authkey, tls)
+        if conn is not None:
+            return conn
+        _local_sockets.pop(address, None)   # gone: the broker restarted, with a new name
+    sock = socket.create_connection(address, timeout=SETTINGS.connect_timeout)
+    conn, offered = _handshake(sock, address, authkey, tls)
+    if offered is not None:
+        local_conn = _connect_local(offered, address, authkey, tls)
+        if local_conn is not None:
+            _local_sockets[address] = offered
+            conn.close()
+            return local_conn
+    return conn
+
+
+def _connect_local(local: tuple[str, int], address: tuple[str, int], authkey: bytes,
+                   tls: ssl.SSLContext | None) -> Connection | None:
+    """A connection over the local socket ``local`` (name, pid) of the broker
+    at ``address``. None if it is not there (another host or network
+    namespace, or the broker is gone) or is not the broker's (another process
+    holds the name now)."""
+    name, pid = local
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(SETTINGS.connect_timeout)
+        sock.connect("\0" + name)
+        if peer_pid(sock) == pid:
+            return _handshake(sock, address, authkey, tls)[0]
+    except (OSError, BrokerUnavailable):
+        pass
+    sock.close()
+    return None
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket (Linux)."""
+    return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+
+
+def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
+               tls: ssl.SSLContext | None) -> tuple[Connection, tuple[str, int] | None]:
+    """Our side of the handshake on a connected socket: the connection, and
+    the local socket the broker offers, if it does."""
     where = format_address(address)
     deadline = time.monotonic() + SETTINGS.connect_timeout
-    sock = socket.create_connection(address, timeout=SETTINGS.connect_timeout)
     try:
         tune(sock)
         mine = {"hello": "mpqueue", **VERSIONS, "nonce": secrets.token_hex(32)}
@@ -227,7 +298,11 @@ def Client(address: tuple[str, int], authkey: bytes,
             raise AuthenticationError(f"the process at {where} could not prove it holds the "
                                       "authkey: it is not the broker you meant")
         sock.settimeout(None)
-        return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
+        offered = verdict.get("local")
+        if not (isinstance(offered, list) and len(offered) == 2 and sock.family != socket.AF_UNIX):
+            offered = None
+        conn = _TLSConnection(sock) if tls is not None else Connection(sock.detach())
+        return conn, (str(offered[0]), int(offered[1])) if offered else None
     except BaseException as e:
         sock.close()
         # A TLS refusal, not a broker closing mid-handshake (which may be busy, or restarting).

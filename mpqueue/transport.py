@@ -4,7 +4,7 @@ The broker serves two objects with the standard library's manager `Server`:
 the `Broker` (all queue state) and the cluster's shutdown `threading.Event`.
 Workers, clients and commands talk to them through `BaseProxy` subclasses.
 
-Three departures from a plain ``BaseManager``, and why:
+Four departures from a plain ``BaseManager``, and why:
 
 * Our own Listener/Client pair is registered under the serializer name
   ``"mpqueue"``, so every socket gets ``TCP_NODELAY`` (without it the first
@@ -16,6 +16,8 @@ Three departures from a plain ``BaseManager``, and why:
   and no ``decref`` finalizer that would dial a possibly dead broker at exit.
 * Calls made through `Reconnecting` outlive the broker going away: they wait
   for the process to reconnect, and are made again.
+* On Linux the broker also listens on a local (Unix) socket, which processes
+  on its host use instead of TCP (see `handshake`).
 
 The server runs in the broker's own process (no ``BaseManager.start()``), so
 nothing it serves needs to be picklable under spawn or forkserver.
@@ -26,7 +28,9 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import secrets
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -34,7 +38,7 @@ from multiprocessing import managers, util
 
 from .config import SETTINGS, format_address, resolve_tls
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
-from .handshake import Client, Refused, accept, tls_context
+from .handshake import Client, Refused, accept, peer_pid, tls_context
 
 log = logging.getLogger("mpqueue")
 broker_log = logging.getLogger("mpqueue.broker")
@@ -79,6 +83,13 @@ class BrokerServer(managers.Server):
         files = resolve_tls()
         self.tls = None if files is None else tls_context(files, server=True)
         super().__init__({}, address, authkey, SERIALIZER)
+        self.local: socket.socket | None = None   # our local socket (`handshake`), if any
+        self.local_name: str | None = None
+        if SETTINGS.local_socket and sys.platform.startswith("linux"):
+            self.local_name = "mpqueue-" + secrets.token_hex(16)
+            self.local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.local.bind("\0" + self.local_name)
+            self.local.listen(512)
         self.broker = broker
         self.id_to_obj[BROKER_ID] = (broker, BROKER_METHODS, None)
         self.id_to_obj[EVENT_ID] = (broker.shutdown_event, EVENT_METHODS, None)
@@ -88,6 +99,16 @@ class BrokerServer(managers.Server):
 
     def start(self) -> None:
         threading.Thread(target=self.accepter, name="accepter", daemon=True).start()
+        if self.local is not None:
+            threading.Thread(target=self._accept_local, name="local accepter", daemon=True).start()
+
+    def _accept_local(self) -> None:
+        while True:
+            try:
+                sock = self.local.accept()[0]
+            except OSError:
+                continue
+            threading.Thread(target=self.handle_request, args=(sock,), daemon=True).start()
 
     def handle_request(self, sock: socket.socket) -> None:
         """A new connection, in its own thread: our handshake, then its one request.
@@ -98,13 +119,14 @@ class BrokerServer(managers.Server):
         make on a new connection is ``accept_connection``, which serves the
         connection until it closes.
         """
+        local = sock.family == socket.AF_UNIX
         try:
-            peer = format_address(sock.getpeername())
+            peer = f"pid {peer_pid(sock)} on this host" if local else format_address(sock.getpeername())
         except OSError:         # gone already
             sock.close()
             return
         try:
-            conn = accept(sock, self.authkey, self.tls)
+            conn = accept(sock, self.authkey, self.tls, None if local else self.local_name)
         except Refused as e:
             broker_log.warning("refused a connection from %s: %s", peer, e)
             return
@@ -138,7 +160,7 @@ class BrokerServer(managers.Server):
         """
         sock = socket.socket(fileno=conn.fileno())
         try:
-            peer = sock.getpeername()[0]
+            peer = "local" if sock.family == socket.AF_UNIX else sock.getpeername()[0]
         except OSError:
             peer = None     # already gone; serving it will end at once
         finally:

@@ -31,6 +31,12 @@ from mpqueue import Client
 LONG_WAIT = {"MPQUEUE_WAIT_SLICE": "20"}
 
 
+@pytest.fixture(autouse=True)
+def tcp_only(monkeypatch):
+    """The brokers offer no local socket: a peer would take it and bypass the proxy."""
+    monkeypatch.setenv("MPQUEUE_LOCAL_SOCKET", "0")
+
+
 class BlipProxy:
     """A TCP proxy to the broker on 127.0.0.1 that can fake network trouble.
 

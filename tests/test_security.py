@@ -21,11 +21,13 @@ import time
 from pathlib import Path
 
 import cloudpickle
+import psutil
 import pytest
 from conftest import logs, python
 
 import mpqueue
 from mpqueue import Client
+from mpqueue import handshake as wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VERSIONS = {"mpqueue": mpqueue.__version__, "python": "%d.%d" % sys.version_info[:2],
@@ -372,3 +374,48 @@ def test_a_bad_message_after_the_handshake_closes_that_connection_only(cluster, 
     wait_for_log(cluster.broker, "closed the connection from")
     assert client.submit(abs, -2).result(10) == 2       # the client's connections are untouched
     assert "Traceback" not in logs(cluster.broker)
+
+
+def test_processes_on_the_brokers_host_use_its_local_socket_unless_it_is_off(empty):
+    empty.start_broker()
+    empty.start_worker(1)
+    client = empty.client()
+    assert client.submit(abs, -1).result(10) == 1
+    assert [w["address"] for w in empty.status()["workers"]] == ["local"]
+    # Only a peer that proved the key learns it: the name, and the pid that must hold it.
+    sock, *_, verdict = handshake(empty.address)
+    sock.close()
+    assert verdict["local"][1] == empty.broker.pid
+    mine = {c.laddr for c in psutil.Process().net_connections("unix")}
+    assert "\0" + verdict["local"][0] not in mine     # ours are its peers, unnamed
+
+    empty.start_broker(env={"MPQUEUE_LOCAL_SOCKET": "0"})
+    empty.start_worker(1)
+    assert Client(empty.address).submit(abs, -2).result(10) == 2
+    assert [w["address"] for w in empty.status()["workers"]] == ["127.0.0.1"]
+    sock, *_, verdict = handshake(empty.address)
+    sock.close()
+    assert "local" not in verdict
+
+
+def test_whoever_takes_a_gone_brokers_local_socket_name_is_sent_nothing(cluster):
+    """The name of a broker's local socket is free again once it exits. A
+    process that knew it must not take whoever binds it next for the broker:
+    it would hand that process its handshake, then its pickles."""
+    address, key = host_port(cluster.address), os.environ["MPQUEUE_AUTHKEY"].encode()
+    wire.Client(address, key).close()       # learns the local socket, and uses it
+    name = wire._local_sockets[address][0]
+    cluster.broker.kill()
+    cluster.broker.wait(10)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as squatter:
+        squatter.bind("\0" + name)
+        squatter.listen(8)
+        cluster.start_broker("--port", str(address[1]))
+        wire.Client(address, key).close()   # tries the name it knew, then TCP
+        squatter.settimeout(5)
+        conn = squatter.accept()[0]
+        with conn:
+            conn.settimeout(5)
+            assert conn.recv(1024) == b"", "it should have closed without a word"
+    cluster.start_worker(1)
+    assert cluster.client().submit(abs, -3).result(10) == 3
