@@ -339,6 +339,10 @@ class _TLSConnection(Connection):
     def _read_into(self, view):
         return self._sock.recv_into(view)
 
+    def _wait_readable(self):
+        if not self._sock.pending():    # bytes TLS decrypted already are not on the descriptor
+            super()._wait_readable()
+
     def _poll(self, timeout):
         # Bytes TLS has decrypted already are not readable on the descriptor.
         return self._sock.pending() > 0 or bool(connection.wait([self], timeout))
