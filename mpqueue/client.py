@@ -249,7 +249,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._closed = False
         self._failure: BaseException | None = None
         self._ack = self._acked = 0     # the last result number received, and acknowledged
-        self._caller_collecting = False  # a thread waiting on a result collects (_collect_for)
+        self._collecting_for: int | None = None  # a thread waiting on this job's result collects (_collect_for)
         self._broker, _ = connect(self.address, authkey)
         if reconnect_timeout is None:
             # Nobody restarts a private cluster's broker: no point waiting for one.
@@ -371,7 +371,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             self._lock.notify_all()
         for future in withdrawn:
             concurrent.futures.Future.cancel(future)
-        if withdrawn and self._caller_collecting:
+        if withdrawn and self._collecting_for is not None:
             self._kick("waiting")
         return [future.cancelled() for future in futures]
 
@@ -440,9 +440,10 @@ class Client(_Submitter, concurrent.futures.Executor):
             while True:
                 with self._lock:
                     ack_by = time.monotonic() + ACK_DELAY
-                    while self._failure is None and not self._futures and not kick:
+                    # Idle while no job is pending but the one a thread collects for itself.
+                    while self._failure is None and not kick and not self._uncollected():
                         if self._ack == self._acked:
-                            if self._closed:
+                            if self._closed and not self._futures:
                                 return      # everything collected and acknowledged
                             self._lock.wait()
                         elif self._closed or (left := ack_by - time.monotonic()) <= 0:
@@ -451,29 +452,36 @@ class Client(_Submitter, concurrent.futures.Executor):
                             self._lock.wait(left)
                     if self._failure is not None:
                         return
-                    wait = SETTINGS.wait_slice if self._futures else 0
+                    wait = SETTINGS.wait_slice if self._uncollected() else 0
                 # A thread collecting for its own result may be parked for
-                # one we just resolved: the next call gets it out.
-                kick = self._collect(wait, kick="waiting" if kick else None) and self._caller_collecting
+                # one we just settled: the next call gets it out.
+                kick = self._collect(wait, kick="waiting" if kick else None) and self._collecting_for is not None
         except MpqueueError as e:
             self._fail(e)
         finally:
             self._leave()
 
+    def _uncollected(self) -> bool:
+        """Whether a pending job's result is for the collect thread to get
+        (lock held): any but the one a waiting thread collects for itself."""
+        return len(self._futures) > (self._collecting_for in self._futures)
+
     def _collect(self, wait: float, urgent: bool = False, kick: str | None = None, reconnect: bool = True) -> bool:
         """One collect call: acknowledge what we have, resolve what comes.
-        Returns whether anything came."""
+        Returns whether that settled a future (results come again until
+        acknowledged, and another thread may have settled theirs already)."""
         def call():     # made again after a reconnect: with the acknowledgement due then
             ack = self._ack
             return ack, self._broker.collect(self.session, ack, wait, urgent, kick)
         ack, batch = self._link.call(call) if reconnect else call()
         with self._lock:
             self._acked = min(max(self._acked, ack), self._ack)
+        settled = False
         for number, delivery in batch:
-            self._resolve(delivery)
+            settled |= self._resolve(delivery)
             with self._lock:
                 self._ack = max(self._ack, number)
-        return bool(batch)
+        return settled
 
     def _collect_for(self, future: JobFuture, deadline: float | None) -> None:
         """Wait for ``future`` by collecting in this thread, which spares the
@@ -482,10 +490,10 @@ class Client(_Submitter, concurrent.futures.Executor):
         wait for the collect thread as usual (this one does not wait for a
         reconnect: it has a timeout to keep)."""
         with self._lock:
-            if (future.done() or self._caller_collecting or self._failure is not None
+            if (future.done() or self._collecting_for is not None or self._failure is not None
                     or threading.current_thread() is self._collector):
                 return
-            self._caller_collecting = True
+            self._collecting_for = future._seq
         try:
             while not future.done():
                 wait = SETTINGS.wait_slice if deadline is None else min(SETTINGS.wait_slice,
@@ -497,8 +505,10 @@ class Client(_Submitter, concurrent.futures.Executor):
             return      # the collect thread meets it too, and fails the futures
         finally:
             with self._lock:
-                self._caller_collecting = False
+                self._collecting_for = None
                 closing = self._closed and not self._futures
+                if self._futures or self._ack != self._acked:
+                    self._lock.notify_all()     # the collect thread takes over, or acknowledges
             if closing:
                 self._kick("closing")   # the collect thread may be parked, with nothing left to wait for
 
@@ -556,11 +566,12 @@ class Client(_Submitter, concurrent.futures.Executor):
                 except concurrent.futures.InvalidStateError:
                     pass
 
-    def _resolve(self, delivery: Delivery) -> None:
+    def _resolve(self, delivery: Delivery) -> bool:
+        """Settle the future a result is for. Returns whether it was pending."""
         with self._lock:
             future = self._futures.pop(delivery.seq, None)
         if future is None or future.done():
-            return
+            return False
         try:
             if delivery.status is Status.OK:
                 future.set_result(loads(delivery.payload))
@@ -570,6 +581,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             pass    # cancelled meanwhile
         except Exception as e:      # the result would not unpickle here
             future.set_exception(e)
+        return True
 
     def _fail(self, error: BaseException) -> None:
         """The broker is gone, or refused us: every pending future fails with ``error``."""
