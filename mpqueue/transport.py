@@ -370,7 +370,8 @@ class Reconnecting:
                 self._recover(seen, e)
 
     def abandon(self) -> None:
-        """Stop reconnecting (a cold stop): waiting callers get BrokerUnavailable."""
+        """Stop reconnecting (a stop with nothing left to deliver): waiting
+        callers get BrokerUnavailable."""
         self._abandoned.set()
 
     def _recover(self, seen: int, error: BrokerUnavailable) -> None:
@@ -399,8 +400,11 @@ class Reconnecting:
             if getattr(e, "final", False):
                 failure = e
                 raise
-            failure = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
-                                        f"within {self._timeout:.0f} s ({error})")
+            if self._abandoned.is_set():
+                failure = BrokerUnavailable(f"lost the broker at {where} ({error}) while stopping")
+            else:
+                failure = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
+                                            f"within {self._timeout:.0f} s ({error})")
             raise failure from e
         except Exception as e:      # refused (versions): nothing to go back to
             failure = e

@@ -124,6 +124,9 @@ class Worker:
             with self._lock:
                 self._reporting = False
                 self._lock.notify_all()
+                delivered = not self._outbox
+            if delivered:
+                self._link.abandon()    # a broker that went away is not waited for
             reporter.join()
             pool.close()
         if self._failure is not None:
@@ -378,13 +381,14 @@ class Worker:
             with self._lock:
                 while not self._outbox and self._reporting and (wait := beat - time.monotonic()) > 0:
                     self._lock.wait(wait)
-                last = not self._reporting and not self._outbox
+                if not self._reporting and not self._outbox:
+                    # Stopping with everything reported: unregister() says
+                    # the rest, and a broker that is gone is not waited for.
+                    return
             # Each attempt takes the outbox afresh: after a reconnect to a new
             # broker it was emptied, and what it held must not reach that one.
             self._link.call(self._report_outbox)
             beat = time.monotonic() + self._heartbeat
-            if last:
-                return
 
     def _report_outbox(self) -> None:
         with self._lock:

@@ -116,6 +116,20 @@ def test_second_sigterm_is_a_cold_stop_and_the_job_runs_elsewhere(cluster):
     assert cluster.status()["workers"][0]["lost"] == 0      # a cold stop is not the job's fault
 
 
+def test_a_warm_stop_with_the_broker_gone_and_nothing_to_deliver_does_not_wait_for_it(cluster):
+    worker = cluster.start_worker(1, env={"MPQUEUE_RECONNECT_TIMEOUT": "60"})
+    assert cluster.client().submit(abs, -1).result(10) == 1
+    # Its report was answered too (the client's result goes first): with a
+    # result it does not know delivered, a warm stop waits to deliver it.
+    cluster.wait_for(lambda s: s["workers"][0]["done"] == 1, "the report")
+    cluster.broker.kill()
+    cluster.broker.wait(10)
+    time.sleep(0.5)         # its threads find the broker gone, and start reconnecting
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(10) in (0, 1)    # not the 60 s of its reconnect timeout
+    assert "Traceback" not in logs(worker)
+
+
 def test_a_silent_worker_is_presumed_lost_and_rejoins(empty):
     empty.start_broker(env={"MPQUEUE_HEARTBEAT_TIMEOUT": "1.5"})
     go = empty.tmp_path / "go"
