@@ -13,15 +13,15 @@ without the copies the standard class makes of a large message:
   size, not in chunks gathered in a ``BytesIO``.
 
 A megabyte argument crosses each hop with the kernel's copies and one more,
-where it is unpickled.
+where it is unpickled. It also ends (EOFError) on a message it cannot take:
+one over MAX_MESSAGE, or one that does not unpickle. The stream is out of
+step after either, so the connection closes; others are not affected.
 
 A receiver waits for a message in ``poll()``, not in ``read()``: a reader
 blocked in ``read()`` on a Unix socket is also woken each time its peer
 consumes what it sent (the kernel wakes the socket's writers without telling
 them apart from readers), so every call would cost its caller a wakeup more,
-about 50-100 us each on a small VM. ``poll()`` wakes for input only. It also ends (EOFError) on a message it cannot take:
-one over MAX_MESSAGE, or one that does not unpickle. The stream is out of
-step after either, so the connection closes; others are not affected.
+about 50-100 us each on a small VM. ``poll()`` wakes for input only.
 """
 
 from __future__ import annotations

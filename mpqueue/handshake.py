@@ -26,8 +26,8 @@ a random name in the abstract namespace, and its "ok" names it, with its pid:
 ``"local": [name, pid]``. A process that can reach it (on the broker's host,
 in its network namespace) makes its connections there instead, with the same
 handshake: a loopback TCP message costs several times what a Unix socket's
-does (on a small VM, ~70-140 us of the sender's CPU against ~4), and every
-job crosses four of them. The name is only learnt by authenticated peers; the
+does (benchmarks/hops.py, on a small VM: 30-150 us of the sender's time in
+send() against 4), and every job crosses four of them. The name is only learnt by authenticated peers; the
 peer's pid (SO_PEERCRED) must be the broker's, so a process that takes the
 name over after the broker exits is not taken for it.
 """
