@@ -22,22 +22,25 @@ peer sends its hello at once too; a TLS broker answers a plain one with
 (length-prefixed pickles of the manager protocol), through `connection.Connection`.
 
 **The local socket.** On Linux the broker also listens on a Unix socket with
-a random name in the abstract namespace, and its "ok" names it, with its pid:
-``"local": [name, pid]``. A process that can reach it (on the broker's host,
-in its network namespace) makes its connections there instead, with the same
-handshake: a loopback TCP message costs several times what a Unix socket's
-does (benchmarks/hops.py, on a small VM: 30-150 us of the sender's time in
-send() against 4), and every job crosses four of them. The name is only learnt by authenticated peers; the
-peer's pid (SO_PEERCRED) must be the broker's, so a process that takes the
-name over after the broker exits is not taken for it.
+a random name in the abstract namespace. To a peer that connected from its
+own host (a loopback address, or the address it was reached at), its "ok"
+names it, with who holds it: ``"local": [name, pid, identity]``, the
+identity being the kernel's boot id and the process's start time. The peer
+makes its connections there instead, with the same handshake: a loopback TCP
+message costs several times what a Unix socket's does (benchmarks/hops.py,
+on a small VM: 30-150 us of the sender's time in send() against 4), and
+every job crosses four of them. The name is no secret (/proc/net/unix lists
+it), and it is free again once the broker exits: so before sending anything,
+the peer checks that the process holding it (SO_PEERCRED) has the broker's
+pid and identity. Any doubt, and it stays on TCP.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
-import os
 import secrets
 import socket
 import ssl
@@ -51,7 +54,7 @@ import cloudpickle
 from . import __version__
 from .config import SETTINGS, TLSFiles, format_address
 from .connection import Connection
-from .errors import AuthenticationError, BrokerUnavailable, ConfigError, VersionMismatch
+from .errors import AuthenticationError, BrokerUnavailable, ConfigError, MpqueueError, VersionMismatch
 
 
 def tune(sock: socket.socket) -> None:
@@ -82,7 +85,13 @@ VERSIONS = {"mpqueue": __version__, "python": "%d.%d" % sys.version_info[:2],
 
 
 class Refused(Exception):
-    """A connection failed the handshake; the text says why, for the broker's log."""
+    """A connection failed the handshake; the text says why, for the broker's log.
+    ``closed``: the peer just closed it (as one that finds our local socket not
+    what it expected does)."""
+
+    def __init__(self, why: str, closed: bool = False):
+        super().__init__(why)
+        self.closed = closed
 
 
 def _describe(versions: dict) -> str:
@@ -149,11 +158,12 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[bytes, dict]:
 
 
 def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
-           local: str | None = None) -> Connection:
+           local: list | None = None) -> Connection:
     """The broker's side of a new connection's handshake, within SETTINGS.connect_timeout.
 
     With ``tls``, a TLS handshake first (which checks the peer's certificate).
-    ``local``: the name of our local socket, to offer (see the module docstring).
+    ``local``: our local socket, ``[name, pid, identity]``, offered to a TCP
+    peer on this host (see the module docstring).
     Then we send our nonce at once, without waiting: a legacy multiprocessing
     client (HMAC-MD5) expects its own challenge format and gives up on ours.
     Raises `Refused` with the reason, having closed the socket.
@@ -187,8 +197,8 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
             raise Refused(f"version mismatch: it runs {_describe(theirs)}; "
                            f"this broker runs {_describe(VERSIONS)}")
         ok = {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)}
-        if local is not None:
-            ok["local"] = [local, os.getpid()]
+        if local is not None and sock.family != socket.AF_UNIX and _on_this_host(sock):
+            ok["local"] = local
         _send_frame(sock, ok)
         sock.settimeout(None)
         return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
@@ -200,14 +210,16 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
             reason = getattr(e, "verify_message", None) or e.reason or e
             raise Refused(f"TLS handshake failed ({reason})") from None
         if isinstance(e, (EOFError, ConnectionError)):
-            raise Refused("it closed the connection during the handshake") from None
+            raise Refused("it closed the connection during the handshake", closed=True) from None
         if isinstance(e, OSError):
             raise Refused(f"handshake failed ({e.strerror or e})") from None
         raise
 
 
-#: Brokers (by address) whose local socket this process reaches: (name, pid).
-_local_sockets: dict[tuple[str, int], tuple[str, int]] = {}
+#: Brokers (by address) whose local socket this process reaches: (name, pid, identity).
+_local_sockets: dict[tuple[str, int], tuple[str, int, str]] = {}
+#: Local sockets found not to be what they should: not tried again.
+_unreachable: set[str] = set()
 
 
 def Client(address: tuple[str, int], authkey: bytes,
@@ -225,37 +237,68 @@ def Client(address: tuple[str, int], authkey: bytes,
         _local_sockets.pop(address, None)   # gone: the broker restarted, with a new name
     sock = socket.create_connection(address, timeout=SETTINGS.connect_timeout)
     conn, offered = _handshake(sock, address, authkey, tls)
-    if offered is not None:
-        local_conn = _connect_local(offered, address, authkey, tls)
-        if local_conn is not None:
+    if offered is not None and offered[0] not in _unreachable:
+        try:
+            local_conn = _connect_local(offered, address, authkey, tls)
+        except BaseException:
+            conn.close()
+            raise
+        if local_conn is None:
+            _unreachable.add(offered[0])
+        else:
             _local_sockets[address] = offered
             conn.close()
             return local_conn
     return conn
 
 
-def _connect_local(local: tuple[str, int], address: tuple[str, int], authkey: bytes,
+def _connect_local(local: tuple[str, int, str], address: tuple[str, int], authkey: bytes,
                    tls: ssl.SSLContext | None) -> Connection | None:
-    """A connection over the local socket ``local`` (name, pid) of the broker
-    at ``address``. None if it is not there (another host or network
-    namespace, or the broker is gone) or is not the broker's (another process
-    holds the name now)."""
-    name, pid = local
+    """A connection over the local socket ``local`` (name, pid, identity) of
+    the broker at ``address``. None if it is not there (the broker is gone, or
+    we are in another network namespace), or is not held by the broker (another
+    process took the name, or we cannot tell: another pid namespace)."""
+    name, pid, identity = local
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(SETTINGS.connect_timeout)
         sock.connect("\0" + name)
-        if peer_pid(sock) == pid:
+        holder = peer_pid(sock)
+        if holder == pid and process_identity(holder) == identity:
             return _handshake(sock, address, authkey, tls)[0]
-    except (OSError, BrokerUnavailable):
-        pass
+    except (OSError, EOFError, MpqueueError):
+        pass    # it closed mid-handshake, say: gone, or going
     sock.close()
     return None
 
 
 def peer_pid(sock: socket.socket) -> int:
-    """The pid of the process at the other end of a Unix socket (Linux)."""
+    """The pid of the process at the other end of a Unix socket (Linux); 0
+    if it is in a pid namespace we cannot see."""
     return _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[0]
+
+
+def process_identity(pid: int) -> str | None:
+    """What tells a process apart from any other, on any host and at any time:
+    the kernel's boot id and the process's start time. None if unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22, counted after the command name (which may hold spaces and parentheses).
+    return f"{boot}/{stat[stat.rindex(b')') + 2:].split()[19].decode()}"
+
+
+def _on_this_host(sock: socket.socket) -> bool:
+    """Whether a TCP peer connected from this host (and network namespace)."""
+    try:
+        host = sock.getpeername()[0]
+        return ipaddress.ip_address(host).is_loopback or host == sock.getsockname()[0]
+    except (OSError, ValueError):
+        return False
 
 
 def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
@@ -299,10 +342,10 @@ def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
                                       "authkey: it is not the broker you meant")
         sock.settimeout(None)
         offered = verdict.get("local")
-        if not (isinstance(offered, list) and len(offered) == 2 and sock.family != socket.AF_UNIX):
+        if not (isinstance(offered, list) and len(offered) == 3 and sock.family != socket.AF_UNIX):
             offered = None
         conn = _TLSConnection(sock) if tls is not None else Connection(sock.detach())
-        return conn, (str(offered[0]), int(offered[1])) if offered else None
+        return conn, (str(offered[0]), int(offered[1]), str(offered[2])) if offered else None
     except BaseException as e:
         sock.close()
         # A TLS refusal, not a broker closing mid-handshake (which may be busy, or restarting).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import secrets
 import socket
@@ -38,7 +39,7 @@ from multiprocessing import managers, util
 
 from .config import SETTINGS, format_address, resolve_tls
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
-from .handshake import Client, Refused, accept, peer_pid, tls_context
+from .handshake import Client, Refused, accept, peer_pid, process_identity, tls_context
 
 log = logging.getLogger("mpqueue")
 broker_log = logging.getLogger("mpqueue.broker")
@@ -84,12 +85,14 @@ class BrokerServer(managers.Server):
         self.tls = None if files is None else tls_context(files, server=True)
         super().__init__({}, address, authkey, SERIALIZER)
         self.local: socket.socket | None = None   # our local socket (`handshake`), if any
-        self.local_name: str | None = None
-        if SETTINGS.local_socket and sys.platform.startswith("linux"):
-            self.local_name = "mpqueue-" + secrets.token_hex(16)
+        self.local_offer: list | None = None      # [name, pid, identity], for peers on this host
+        identity = process_identity(os.getpid())
+        if SETTINGS.local_socket and sys.platform.startswith("linux") and identity is not None:
+            name = "mpqueue-" + secrets.token_hex(16)
             self.local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.local.bind("\0" + self.local_name)
+            self.local.bind("\0" + name)
             self.local.listen(512)
+            self.local_offer = [name, os.getpid(), identity]
         self.broker = broker
         self.id_to_obj[BROKER_ID] = (broker, BROKER_METHODS, None)
         self.id_to_obj[EVENT_ID] = (broker.shutdown_event, EVENT_METHODS, None)
@@ -107,6 +110,7 @@ class BrokerServer(managers.Server):
             try:
                 sock = self.local.accept()[0]
             except OSError:
+                time.sleep(0.1)     # out of file descriptors, say: not a busy loop
                 continue
             threading.Thread(target=self.handle_request, args=(sock,), daemon=True).start()
 
@@ -126,9 +130,12 @@ class BrokerServer(managers.Server):
             sock.close()
             return
         try:
-            conn = accept(sock, self.authkey, self.tls, None if local else self.local_name)
+            conn = accept(sock, self.authkey, self.tls, None if local else self.local_offer)
         except Refused as e:
-            broker_log.warning("refused a connection from %s: %s", peer, e)
+            # A local peer that closes at once found the socket not what it
+            # expected (another pid namespace, say), and went to TCP.
+            level = logging.DEBUG if local and e.closed else logging.WARNING
+            broker_log.log(level, "refused a connection from %s: %s", peer, e)
             return
         conn.peer = peer
         try:

@@ -339,3 +339,28 @@ def test_busy_worker_rejoins_while_its_jobs_still_run(net):
                  "worker a to rejoin with its 2 jobs running")
     assert "rejoining" in logs(workers["a"])
     assert not [e for e in net.job_log() if e[2] == "end"]
+
+
+OFFER = """
+import os, socket, sys
+from mpqueue import handshake
+host, port = sys.argv[1].rsplit(":", 1)
+address = (host, int(port))
+conn, offered = handshake._handshake(socket.create_connection(address), address,
+                                     os.environ["MPQUEUE_AUTHKEY"].encode(), None)
+conn.close()
+print("offered" if offered else "not offered")
+"""
+
+
+def test_the_local_socket_is_offered_on_the_brokers_host_only(net):
+    """A peer on another host cannot reach the broker's local socket, and
+    must not try: whoever holds that name on its own host is not the broker."""
+    net.start_broker()
+    said = {}
+    for role in ("br", "c"):
+        result = subprocess.run([net.ip, "netns", "exec", net.ns(role), sys.executable, "-c", OFFER,
+                                 net.address], capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        said[role] = result.stdout.strip()
+    assert said == {"br": "offered", "c": "not offered"}

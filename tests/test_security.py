@@ -419,3 +419,20 @@ def test_whoever_takes_a_gone_brokers_local_socket_name_is_sent_nothing(cluster)
             assert conn.recv(1024) == b"", "it should have closed without a word"
     cluster.start_worker(1)
     assert cluster.client().submit(abs, -3).result(10) == 3
+
+
+def test_the_local_socket_is_trusted_only_if_its_holder_is_the_broker_itself(cluster):
+    """A pid number can come round again (pid reuse, or another pid
+    namespace): the process holding the name must also have the broker's
+    start time, on the same boot."""
+    address, key = host_port(cluster.address), os.environ["MPQUEUE_AUTHKEY"].encode()
+    sock, *_, verdict = handshake(cluster.address)
+    sock.close()
+    name, pid, identity = verdict["local"]
+    assert pid == cluster.broker.pid and identity == wire.process_identity(pid)
+    conn = wire._connect_local((name, pid, identity), address, key, None)
+    assert conn is not None
+    conn.close()
+    assert wire._connect_local((name, pid, identity + "0"), address, key, None) is None
+    time.sleep(0.5)
+    assert "refused" not in logs(cluster.broker)     # it closed at once: no warning for that
