@@ -77,6 +77,7 @@ class Worker:
         self._in_hand = 0                   # fetched and not yet finished
         self._capacity = capacity(procs, None)
         self._outbox: list = []             # outcomes not yet reported
+        self._reporting_now: list = []      # outcomes the report thread is sending
         self._running: tuple[int, list[int]] = (0, [])  # (version, ids of the jobs children run now)
         self._requests: list = []           # (job id, force): withdraw, from the broker
         self._answers: dict[int, bool] = {}  # job id -> withdrawn?, for the broker
@@ -124,7 +125,7 @@ class Worker:
             with self._lock:
                 self._reporting = False
                 self._lock.notify_all()
-                delivered = not self._outbox
+                delivered = not self._outbox and not self._reporting_now
             if delivered:
                 self._link.abandon()    # a broker that went away is not waited for
             reporter.join()
@@ -393,12 +394,16 @@ class Worker:
     def _report_outbox(self) -> None:
         with self._lock:
             outcomes, self._outbox = self._outbox, []
+            self._reporting_now = outcomes
             running, broker_id = self._running, self._broker_id
         try:
             self.broker.report(self.id, outcomes, running)
         except BrokerUnavailable:
             self._hold(outcomes, broker_id)
             raise
+        finally:
+            with self._lock:
+                self._reporting_now = []
 
     # -- signals and wakeups --------------------------------------------------
 
