@@ -302,7 +302,7 @@ def _on_this_host(sock: socket.socket) -> bool:
 
 
 def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
-               tls: ssl.SSLContext | None) -> tuple[Connection, tuple[str, int] | None]:
+               tls: ssl.SSLContext | None) -> tuple[Connection, tuple[str, int, str] | None]:
     """Our side of the handshake on a connected socket: the connection, and
     the local socket the broker offers, if it does."""
     where = format_address(address)
