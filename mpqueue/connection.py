@@ -99,7 +99,7 @@ class Connection(connection.Connection):
     def recv(self):
         self._check_closed()
         self._check_readable()
-        self._wait_readable()
+        self._poll(None)
         size, = _SHORT.unpack(self._read(_SHORT.size, first=True))
         if size == -1:
             size, = struct.unpack("!Q", self._read(8))
@@ -135,12 +135,14 @@ class Connection(connection.Connection):
             got += n
         return buf
 
-    def _wait_readable(self) -> None:
-        """Until the next message starts to arrive (see the module docstring)."""
+    def _poll(self, timeout: float | None) -> bool:
+        """Whether a message starts to arrive within ``timeout`` s (None:
+        wait for one). A poll() object of our own, not the stdlib's selector
+        made afresh at each call: `recv` waits here (see the module docstring)."""
         if self._poller is None:
             self._poller = select.poll()
             self._poller.register(self._handle, select.POLLIN)
-        self._poller.poll()
+        return bool(self._poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
     def _read_into(self, view: memoryview) -> int:
         return os.readv(self._handle, [view])

@@ -47,7 +47,6 @@ import ssl
 import struct
 import sys
 import time
-from multiprocessing import connection
 
 import cloudpickle
 
@@ -382,13 +381,9 @@ class _TLSConnection(Connection):
     def _read_into(self, view):
         return self._sock.recv_into(view)
 
-    def _wait_readable(self):
-        if not self._sock.pending():    # bytes TLS decrypted already are not on the descriptor
-            super()._wait_readable()
-
     def _poll(self, timeout):
         # Bytes TLS has decrypted already are not readable on the descriptor.
-        return self._sock.pending() > 0 or bool(connection.wait([self], timeout))
+        return self._sock.pending() > 0 or super()._poll(timeout)
 
 
 def tls_context(files: TLSFiles, server: bool) -> ssl.SSLContext:
