@@ -142,14 +142,17 @@ class JobFuture(concurrent.futures.Future):
         return self._client._withdraw([self], force=False)[0]
 
     def result(self, timeout: float | None = None) -> Any:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._client._collect_for(self, deadline)
-        return super().result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return super().result(self._collect_within(timeout))
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        return super().exception(self._collect_within(timeout))
+
+    def _collect_within(self, timeout: float | None) -> float | None:
+        """Collect our result in this thread, within ``timeout``; returns
+        what is left of it (`Client._collect_for`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._client._collect_for(self, deadline)
-        return super().exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class _Submitter:
