@@ -70,6 +70,7 @@ def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
 
 class Connection(connection.Connection):
     peer: str | None = None     # set by the broker, for its log
+    host: str | None = None     # set by the broker: the peer's IP address, or "local"
     #: Whether one thread may send while another reads (`send_nowait` works).
     concurrent_send = True
     _poller = None

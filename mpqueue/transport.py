@@ -101,14 +101,18 @@ class BrokerServer(managers.Server):
         self.stop_event = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self.accepter, name="accepter", daemon=True).start()
+        threading.Thread(target=self._accept, args=(self.listener.accept,), name="accepter",
+                         daemon=True).start()
         if self.local is not None:
-            threading.Thread(target=self._accept_local, name="local accepter", daemon=True).start()
+            threading.Thread(target=self._accept, args=(lambda: self.local.accept()[0],),
+                             name="local accepter", daemon=True).start()
 
-    def _accept_local(self) -> None:
+    def _accept(self, accept_one) -> None:
+        """Hand each new connection to a thread of its own (the stdlib's
+        accepter, which spins when accept() keeps failing)."""
         while True:
             try:
-                sock = self.local.accept()[0]
+                sock = accept_one()
             except OSError:
                 time.sleep(0.1)     # out of file descriptors, say: not a busy loop
                 continue
@@ -125,7 +129,11 @@ class BrokerServer(managers.Server):
         """
         local = sock.family == socket.AF_UNIX
         try:
-            peer = f"pid {peer_pid(sock)} on this host" if local else format_address(sock.getpeername())
+            if local:
+                host, peer = "local", f"pid {peer_pid(sock)} on this host"
+            else:
+                address = sock.getpeername()
+                host, peer = address[0], format_address(address)
         except OSError:         # gone already
             sock.close()
             return
@@ -137,7 +145,7 @@ class BrokerServer(managers.Server):
             level = logging.DEBUG if local and e.closed else logging.WARNING
             broker_log.log(level, "refused a connection from %s: %s", peer, e)
             return
-        conn.peer = peer
+        conn.peer, conn.host = peer, host
         try:
             _, funcname, args, kwds = conn.recv()
             if funcname != "accept_connection":
@@ -165,13 +173,6 @@ class BrokerServer(managers.Server):
         second thread on the connection, this thread waits for the answer
         and sends it itself.
         """
-        sock = socket.socket(fileno=conn.fileno())
-        try:
-            peer = "local" if sock.family == socket.AF_UNIX else sock.getpeername()[0]
-        except OSError:
-            peer = None     # already gone; serving it will end at once
-        finally:
-            sock.detach()
         lock = threading.Lock()     # one sender at a time, and none after close
 
         def send(message, rest=None) -> None:
@@ -205,7 +206,7 @@ class BrokerServer(managers.Server):
                 threading.Thread(target=send, args=(message, rest), daemon=True).start()
 
         answers: queue.SimpleQueue = queue.SimpleQueue()
-        self.broker.connection_opened(peer, reply if conn.concurrent_send else answers.put)
+        self.broker.connection_opened(conn.host, reply if conn.concurrent_send else answers.put)
         try:
             while True:
                 try:
@@ -393,10 +394,11 @@ class Reconnecting:
                     break
                 self._cond.wait()
         where = format_address(self.address)
+        stopping = f"lost the broker at {where} ({error}) while stopping"
         failure = None
         try:
             if self._abandoned.is_set():
-                raise BrokerUnavailable(f"lost the broker at {where} ({error}) while stopping")
+                raise BrokerUnavailable(stopping)
             log.warning("%s; reconnecting for up to %.0f s", error, self._timeout)
             reach_broker(self.address, self._rejoin, self._timeout, self._abandoned)
             log.info("reconnected to the broker at %s", where)
@@ -408,7 +410,7 @@ class Reconnecting:
                 failure = e
                 raise
             if self._abandoned.is_set():
-                failure = BrokerUnavailable(f"lost the broker at {where} ({error}) while stopping")
+                failure = BrokerUnavailable(stopping)
             else:
                 failure = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
                                             f"within {self._timeout:.0f} s ({error})")
