@@ -344,9 +344,12 @@ class Reconnecting:
     calls ``rejoin()`` (which registers again) before the others go on. If
     that fails, every caller gets the same error from then on.
 
-    After a reconnect, each thread's first call drops the connection it held
-    (to the broker that went away) before calling: a stale connection would
-    fail, and set off a second reconnect and rejoin for nothing.
+    After a reconnect, each other thread's first call drops the connection it
+    held (to the broker that went away) before calling: a stale connection
+    would fail, and set off a second reconnect and rejoin for nothing. The
+    thread that reconnected keeps the fresh connection its rejoin opened: it
+    may be the process's only one, and the broker takes a worker whose last
+    connection closes for dead (its running jobs would be charged a death).
     """
 
     def __init__(self, address: tuple[str, int], rejoin, timeout: float, proxy: "_Proxy"):
@@ -422,5 +425,7 @@ class Reconnecting:
             with self._cond:
                 self._busy = False
                 self._failure = failure
-                self._generation += failure is None
+                if failure is None:
+                    self._generation += 1
+                    self._local.generation = self._generation   # its connection is the fresh one
                 self._cond.notify_all()

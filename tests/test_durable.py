@@ -247,3 +247,31 @@ def test_a_bad_journal_is_refused_at_start(empty, content, message):
     assert result.returncode == 1
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def started_then_wait(ledger: Path, go: Path) -> int:
+    with open(ledger, "a") as f:
+        f.write("started\n")
+    while not go.exists():
+        time.sleep(0.05)
+    return 7
+
+
+def test_a_broker_restart_charges_no_death_to_a_live_workers_running_job(durable):
+    """Three restarts in a row while one job runs on a healthy worker: it is
+    neither run again nor failed as lost (each rejoin once kept the fresh
+    connection from being closed as stale, which the broker took for the
+    worker dying)."""
+    worker = durable.start_worker(1, env=RECONNECT)
+    client = durable.client(reconnect_timeout=60)
+    ledger, go = durable.tmp_path / "ledger", durable.tmp_path / "go"
+    future = client.submit(started_then_wait, ledger, go)
+    durable.wait_for(lambda s: s["running"] == 1, "the job to run")
+    for _ in range(3):
+        restart_broker(durable, durable.journal)
+        durable.wait_for(lambda s: len(s["workers"]) == 1 and s["running"] == 1, "the worker to rejoin")
+    go.touch()
+    assert future.result(30) == 7
+    assert ledger.read_text() == "started\n"
+    assert "presumed this worker lost" not in logs(worker)
+    assert "disconnected" not in logs(durable.broker)
