@@ -55,6 +55,13 @@ EVENT_METHODS = ("is_set", "set", "wait")
 #: What a broker method returns for a call it parked: its answer is sent later.
 DEFERRED = object()
 
+#: Connections that may be in their handshake at once. Past this, a new one
+#: is closed at once: each holds a thread until it authenticates, or for
+#: ``connect_timeout`` if it says nothing.
+MAX_HANDSHAKES = 256
+#: The refusals past MAX_HANDSHAKES are logged at most once in this many seconds.
+REFUSALS_LOGGED_EVERY = 10.0
+
 
 class Listener:
     """Accepts TCP connections for the manager server and hands over the raw
@@ -99,6 +106,9 @@ class BrokerServer(managers.Server):
         # serve_client() loops until this is set; we never set it: the process
         # exits when the broker is done.
         self.stop_event = threading.Event()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._refused = 0                   # past MAX_HANDSHAKES, since last logged
+        self._refused_logged = 0.0
 
     def start(self) -> None:
         threading.Thread(target=self._accept, args=(self.listener.accept,), name="accepter",
@@ -109,12 +119,24 @@ class BrokerServer(managers.Server):
 
     def _accept(self, accept_one) -> None:
         """Hand each new connection to a thread of its own (the stdlib's
-        accepter, which spins when accept() keeps failing)."""
+        accepter, which spins when accept() keeps failing), unless
+        `MAX_HANDSHAKES` are under way already."""
         while True:
             try:
                 sock = accept_one()
             except OSError:
                 time.sleep(0.1)     # out of file descriptors, say: not a busy loop
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                sock.close()
+                self._refused += 1
+                now = time.monotonic()
+                if now - self._refused_logged >= REFUSALS_LOGGED_EVERY:
+                    broker_log.warning(
+                        "refused %d connection(s): %d handshakes under way already (peers that "
+                        "connect and say nothing are dropped after %g s)",
+                        self._refused, MAX_HANDSHAKES, SETTINGS.connect_timeout)
+                    self._refused, self._refused_logged = 0, now
                 continue
             threading.Thread(target=self.handle_request, args=(sock,), daemon=True).start()
 
@@ -127,6 +149,27 @@ class BrokerServer(managers.Server):
         make on a new connection is ``accept_connection``, which serves the
         connection until it closes.
         """
+        try:
+            conn = self._handshake(sock)
+        finally:
+            self._handshakes.release()
+        if conn is None:
+            return
+        try:
+            _, funcname, args, kwds = conn.recv()
+            if funcname != "accept_connection":
+                raise ValueError(f"it asked for {funcname!r}")
+            self.accept_connection(conn, *args, **kwds)
+        except (SystemExit, EOFError):  # serve_client() exits when its connection ends
+            pass
+        except Exception as e:
+            broker_log.warning("closed the connection from %s: %s", conn.peer, e)
+        finally:
+            conn.close()
+
+    def _handshake(self, sock: socket.socket):
+        """Our handshake on a new connection: the authenticated `Connection`,
+        or None (refused, or gone)."""
         local = sock.family == socket.AF_UNIX
         try:
             if local:
@@ -136,7 +179,7 @@ class BrokerServer(managers.Server):
                 host, peer = address[0], format_address(address)
         except OSError:         # gone already
             sock.close()
-            return
+            return None
         try:
             conn = accept(sock, self.authkey, self.tls, None if local else self.local_offer)
         except Refused as e:
@@ -144,19 +187,9 @@ class BrokerServer(managers.Server):
             # expected (another pid namespace, say), and went to TCP.
             level = logging.DEBUG if local and e.closed else logging.WARNING
             broker_log.log(level, "refused a connection from %s: %s", peer, e)
-            return
+            return None
         conn.peer, conn.host = peer, host
-        try:
-            _, funcname, args, kwds = conn.recv()
-            if funcname != "accept_connection":
-                raise ValueError(f"it asked for {funcname!r}")
-            self.accept_connection(conn, *args, **kwds)
-        except (SystemExit, EOFError):  # serve_client() exits when its connection ends
-            pass
-        except Exception as e:
-            broker_log.warning("closed the connection from %s: %s", peer, e)
-        finally:
-            conn.close()
+        return conn
 
     def serve_client(self, conn):
         """Answer this connection's calls, one at a time, until it closes.

@@ -172,6 +172,26 @@ def test_garbage_on_the_port_leaves_the_broker_serving(cluster, garbage):
         half_open.close()
 
 
+def test_silent_connections_hold_at_most_the_handshake_cap_of_threads(cluster):
+    """A slowloris: 400 sockets that connect and say nothing. The broker
+    keeps no more than MAX_HANDSHAKES threads for them, refuses the rest at
+    once, says so in one line, and serves again when they are gone."""
+    from mpqueue.transport import MAX_HANDSHAKES
+
+    cluster.start_worker(1)
+    host, port = cluster.address.split(":")
+    broker = psutil.Process(cluster.broker.pid)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(400)]
+    try:
+        time.sleep(0.5)
+        assert broker.num_threads() < MAX_HANDSHAKES + 40
+    finally:
+        for s in silent:
+            s.close()
+    assert logs(cluster.broker).count("handshakes under way already") == 1
+    assert cluster.client().submit(abs, -5).result(20) == 5
+
+
 def test_shutdown_drains_running_jobs_and_fails_queued_ones(cluster):
     started, go = cluster.tmp_path / "started", cluster.tmp_path / "go"
     worker = cluster.start_worker(1)
