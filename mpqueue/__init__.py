@@ -12,11 +12,12 @@ one machine or a handful of machines, with nothing but ``pip install``.
 __version__ = "0.1.0"
 
 from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
-                     JobTimeout, MpqueueError, RemoteError, VersionMismatch, WorkerLost)
+                     JobTimeout, MpqueueError, PayloadTooLarge, RemoteError, VersionMismatch,
+                     WorkerLost)
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
            "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",
-           "RemoteError", "__version__"]
+           "PayloadTooLarge", "RemoteError", "__version__"]
 
 
 def __getattr__(name: str):

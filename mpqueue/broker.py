@@ -30,6 +30,7 @@ no thread wakes only to pass a job or a result on. Payloads are opaque bytes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import heapq
 import itertools
@@ -43,8 +44,10 @@ from collections import deque
 from typing import Callable
 
 from .config import SETTINGS, Settings
+from .connection import MAX_MESSAGE
+from .errors import ConfigError
 from .journal import Journal
-from .protocol import Delivery, Options, Outcome, Status, Submission, Task
+from .protocol import BATCH_BYTES, Delivery, Options, Outcome, Status, Submission, Task
 from .transport import DEFERRED, BrokerServer
 
 log = logging.getLogger("mpqueue.broker")
@@ -52,11 +55,12 @@ log = logging.getLogger("mpqueue.broker")
 #: A job whose process dies this many times (or retries + 1, if more) fails
 #: with WorkerLost.
 MAX_DEATHS = 3
-#: Most results handed to a client in one `collect` (and about how many bytes).
+#: Most results handed to a client in one `collect` (and BATCH_BYTES of them
+#: at most, as for a `fetch`).
 COLLECT_BATCH = 1000
-COLLECT_BYTES = 8 << 20
-#: About the most argument bytes leased in one `fetch` (at least one job).
-FETCH_BYTES = 8 << 20
+#: Once a backlog of this many jobs or more has drained, the broker gives its
+#: freed memory back to the system (`Broker.release_memory`).
+TRIM_AFTER = 10_000
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -180,6 +184,7 @@ class Broker:
         self._done = 0
         self._failed = 0
         self._drain_deadline: float | None = None
+        self._backlog = 0                              # most jobs held since memory was last released
         if journal is not None:
             self._restore(journal.load())
         threading.Thread(target=self._run_timer, name="timer", daemon=True).start()
@@ -382,7 +387,8 @@ class Broker:
                 if not new:
                     self._lease_back(self._workers[session], old, running)
                 return {"heartbeat_interval": self.settings.heartbeat_interval, "broker_id": self.id,
-                        "new": new, "unknown": [i for i in running if new or i not in self._jobs]}
+                        "new": new, "unknown": [i for i in running if new or i not in self._jobs],
+                        "max_payload": int(self.settings.max_payload)}
             # A client reconnecting to a broker that restarted without its
             # session (no journal, or it expired) is told so, and not taken on.
             known = session in self._clients
@@ -396,7 +402,7 @@ class Broker:
             missing = [seq for seq in info.get("pending", ())
                        if seq not in client.jobs and seq not in finished and seq not in client.withdrawn]
             return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
-                    "missing": missing}
+                    "missing": missing, "max_payload": int(self.settings.max_payload)}
 
     def _lease_back(self, worker: _Worker, old: _Worker | None, running) -> None:
         """A worker rejoining still runs these jobs: leave them with it
@@ -534,6 +540,7 @@ class Broker:
             if not submissions:
                 return
             client.max_seq = submissions[-1].seq
+            self._backlog = max(self._backlog, len(self._jobs) + len(submissions))
             jobs = []
             for sub in submissions:
                 self._functions.setdefault(sub.fn, [functions[sub.fn], 0])[1] += 1
@@ -575,11 +582,11 @@ class Broker:
 
         No more than its share of the queue: a worker whose last jobs were
         short asks for many, and must not take a burst of long ones alone.
-        And about FETCH_BYTES of arguments at most.
+        And about `BATCH_BYTES` of arguments and functions at most.
         """
         max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
         tasks, functions, size = [], {}, 0
-        while len(tasks) < max_jobs and size < FETCH_BYTES:
+        while len(tasks) < max_jobs and size < BATCH_BYTES:
             job = self._pop()
             if job is None:
                 break
@@ -591,6 +598,7 @@ class Broker:
             size += len(job.task.payload)
             if job.task.fn not in functions:
                 functions[job.task.fn] = self._functions[job.task.fn][0]
+                size += len(functions[job.task.fn])
         return tasks, functions
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]]) -> None:
@@ -738,7 +746,7 @@ class Broker:
     def _batch(client: _Client) -> list[tuple[int, Delivery]]:
         batch, size = [], 0
         for number, delivery, _ in client.results:
-            if len(batch) >= COLLECT_BATCH or size >= COLLECT_BYTES:
+            if len(batch) >= COLLECT_BATCH or size >= BATCH_BYTES:
                 break
             batch.append((number, delivery))
             payload = delivery.payload
@@ -928,6 +936,25 @@ class Broker:
             waiting = [c for c in self._clients.values() if c.results and c.gone_since is None]
             return not waiting or now > self._drain_deadline
 
+    def release_memory(self) -> None:
+        """Give memory back to the system once a backlog of `TRIM_AFTER` jobs
+        or more has drained. Python returns what it frees to the C allocator,
+        which keeps most of it: a broker that carried 2 M jobs would hold a few
+        hundred MB for good. Outside the lock: trimming a large heap takes a while."""
+        with self._lock:
+            if self._backlog < TRIM_AFTER or self._jobs:
+                return
+            self._backlog = 0
+            # Emptied, they keep their size (a dict never shrinks): new ones.
+            # With no job left, what the heaps still hold is stale.
+            self._jobs, self._queue, self._delayed = {}, [], []
+            for client in self._clients.values():
+                client.jobs = {}
+        try:
+            ctypes.CDLL(None).malloc_trim(0)    # glibc's; elsewhere there is nothing to do
+        except (OSError, AttributeError):
+            pass
+
     def status(self) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""
         with self._lock:
@@ -965,12 +992,18 @@ def serve(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[st
     def stop(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
+    # A payload and a batch's others in one message; in SQLite, one value.
+    ceiling = min(MAX_MESSAGE - 4 * BATCH_BYTES, 950 * 2**20 if journal else MAX_MESSAGE)
+    if settings.max_payload > ceiling:
+        raise ConfigError(f"MPQUEUE_MAX_PAYLOAD={settings.max_payload:.0f} is over the most this "
+                          f"broker can carry in one message or store in its journal ({ceiling} bytes)")
     broker = Broker(settings, Journal(journal) if journal else None)
     server = BrokerServer(broker, address, authkey)
     server.start()
     try:
         on_ready(server.address)
         while not broker.tick():
+            broker.release_memory()
             if broker.shutdown_event.is_set():
                 time.sleep(0.1)     # draining: a few ticks, then we exit
             else:

@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Iterator
 from . import __version__
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
-from .protocol import Delivery, Options, Status, Submission, digest, dumps, loads, unpack_exception
+from .protocol import (Delivery, Options, Status, Submission, batch_length, digest, dumps, loads, too_large,
+                       unpack_exception)
 from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")
@@ -259,7 +260,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             reconnect_timeout = 0 if self._cluster else SETTINGS.reconnect_timeout
         self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout, self._broker)
         try:
-            self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
+            reply = self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
+            self._max_payload: int = reply.get("max_payload", int(SETTINGS.max_payload))
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -281,6 +283,9 @@ class Client(_Submitter, concurrent.futures.Executor):
     def _submit(self, fn: Callable, payload: bytes, chunked: bool, options: Options) -> JobFuture:
         key, blob = self._functions.get(fn)
         self._check_open()
+        error = too_large("the job's function and arguments pickle", len(blob) + len(payload), self._max_payload)
+        if error is not None:
+            raise error
         if self._slots is not None:
             self._slots.acquire()
         with self._lock:
@@ -413,7 +418,8 @@ class Client(_Submitter, concurrent.futures.Executor):
                     self._to_send.wait()
                 if not self._outbox or self._failure is not None:
                     return
-                batch, self._outbox = self._outbox, []
+                cut = batch_length(self._outbox, lambda job: len(job[0].payload) + len(job[1]))
+                batch, self._outbox = self._outbox[:cut], self._outbox[cut:]
                 self._sending = True
                 self._in_flight = {sub.seq for sub, _ in batch}
             if not self._ship(batch):
@@ -539,6 +545,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             pending = [seq for seq in self._futures if seq not in unsent]
         info = {"version": __version__, "pid": os.getpid()}
         reply = self._broker.register(self.session, "client", {**info, "resume": True, "pending": pending})
+        self._max_payload = reply.get("max_payload", self._max_payload)
         where = format_address(self.address)
         if reply["known"]:
             if reply["missing"]:

@@ -59,6 +59,14 @@ class Settings:
     #: A worker prefetches about this much work per proc (by its measured job
     #: time): one job when jobs are long, many when they are tiny.
     prefetch_seconds: float = 0.02
+    #: The largest job a client may send (its function and arguments,
+    #: pickled) and the largest result a job may return, in bytes: a larger
+    #: one fails its own job with `PayloadTooLarge`, and nothing else. The
+    #: broker's value holds for the cluster: it tells its workers and clients.
+    #: 900 MiB stays under SQLite's limit of 10^9 bytes on one value (a
+    #: --journal broker stores payloads) and under the 1 GiB a message may
+    #: carry (`connection.MAX_MESSAGE`) with a batch's other payloads.
+    max_payload: float = 900 * 2**20
     #: 1: a broker on Linux also listens on a local (Unix) socket, which the
     #: processes on its host use instead of TCP (`handshake`). 0: it does
     #: not, and all traffic crosses TCP (for a proxy in between, say).

@@ -66,6 +66,19 @@ class WorkerLost(MpqueueError):
         return _rebuild, (WorkerLost, str(self), self.__dict__)
 
 
+class PayloadTooLarge(MpqueueError, ValueError):
+    """A job's pickled function and arguments, or its pickled result, are over
+    the cluster's ``max_payload``: that job fails, and nothing else."""
+
+    def __init__(self, message: str, *, size: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self):
+        return _rebuild, (PayloadTooLarge, str(self), self.__dict__)
+
+
 def _rebuild(cls, message, state):
     return cls(message, **state)
 

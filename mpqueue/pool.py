@@ -39,7 +39,7 @@ import psutil
 
 from .config import SETTINGS
 from .connection import Connection
-from .protocol import Outcome, Status, Task, dumps, loads, pack_exception
+from .protocol import Outcome, Status, Task, dumps, loads, pack_exception, too_large
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
@@ -68,11 +68,12 @@ class Child:
         self.ending: Outcome | None = None  # what to report when it dies: we killed it
         self.kill_at: float | None = None   # SIGKILL if still alive then
 
-    def run(self, batch: list[Item]) -> None:
+    def run(self, batch: list[Item], max_payload: int) -> None:
+        """Start a batch; a result that pickles to over ``max_payload`` bytes fails its job."""
         self.batch = batch
         self.started = time.monotonic()
         try:
-            self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}))
+            self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}, max_payload))
         except OSError:
             pass    # it just died: its sentinel will say so, and the batch is handled then
 
@@ -175,8 +176,16 @@ class ProcessPool:
             if child is not None:
                 try:
                     results = child.conn.recv()
-                except (EOFError, OSError):
-                    continue    # it died; its sentinel tells the rest
+                except (EOFError, OSError) as e:
+                    # It died (its sentinel tells the rest), or sent what we
+                    # cannot take: the pipe is out of step, so it goes. (A
+                    # result over the limit fails in the child, before this.)
+                    if child.process.is_alive() and child.batch:
+                        child.end(Outcome(child.ids()[0], Status.LOST, {
+                            "pid": child.pid, "exitcode": None, "signal": None,
+                            "host": os.uname().nodename,
+                            "reason": f"the worker could not read the job's result ({e or type(e).__name__})"}))
+                    continue
                 outcomes.extend(Outcome(i, Status(status), payload, retryable)
                                 for i, status, payload, retryable in results)
                 self._finished(child)
@@ -330,10 +339,10 @@ def _child_main(sock: socket.socket) -> None:
             return      # the worker is gone
         if message is None:
             return
-        tasks, blobs = message
+        tasks, blobs, max_payload = message
         results = []
         for task in tasks:
-            status, payload, retryable = _execute(task, blobs[task.fn], functions)
+            status, payload, retryable = _execute(task, blobs[task.fn], functions, max_payload)
             results.append((task.id, int(status), payload, retryable))
         try:
             conn.send(results)
@@ -341,7 +350,7 @@ def _child_main(sock: socket.socket) -> None:
             return
 
 
-def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, bytes, bool]:
+def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int) -> tuple[Status, bytes, bool]:
     try:
         fn = functions.get(task.fn)
         if fn is None:
@@ -358,12 +367,18 @@ def _execute(task: Task, blob: bytes, functions: OrderedDict) -> tuple[Status, b
             result = fn(*args[0], **args[1])
     except BaseException as exc:
         return Status.ERROR, pack_exception(exc, task.attempt), _retryable(exc, task.retry_on)
+    del args
     try:
-        return Status.OK, dumps(result), False
+        payload = dumps(result)
     except BaseException as exc:
         err = pickle.PicklingError(f"cannot pickle the result of the job: {exc}")
         err.__cause__ = exc
         return Status.ERROR, pack_exception(err, task.attempt), False
+    del result
+    error = too_large("the job's result pickles", len(payload), max_payload)
+    if error is not None:
+        return Status.ERROR, pack_exception(error, task.attempt), False
+    return Status.OK, payload, False
 
 
 def _retryable(exc: BaseException, retry_on: bytes | None) -> bool:

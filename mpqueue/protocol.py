@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import io
 import linecache
 import os
 import pickle
 import re
 import socket
+import sys
 import traceback
 from typing import Any, Callable, NamedTuple
 
 import cloudpickle
 
-from .errors import RemoteError, RemoteTraceback
+from .errors import PayloadTooLarge, RemoteError, RemoteTraceback
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+#: A message that carries several payloads (jobs submitted or leased, results
+#: reported or collected) takes no more of them once it holds this many
+#: bytes. With ``max_payload`` for one payload, that bounds every message
+#: under `connection.MAX_MESSAGE`.
+BATCH_BYTES = 8 << 20
 
 
 class Status(enum.IntEnum):
@@ -86,8 +94,49 @@ class Delivery(NamedTuple):
     attempts: int
 
 
+def batch_length(items: list, size: Callable[[Any], int]) -> int:
+    """How many of ``items``, from the first, go in one message: they stop
+    once they hold `BATCH_BYTES` (one at least)."""
+    total = 0
+    for n, item in enumerate(items):
+        if total >= BATCH_BYTES:
+            return n
+        total += size(item)
+    return len(items)
+
+
+def too_large(what: str, size: int, limit: int) -> PayloadTooLarge | None:
+    """The error for a payload of ``size`` bytes over ``limit``, or None.
+    ``what`` says what pickles to that size ("the job's result pickles")."""
+    if size <= limit:
+        return None
+    return PayloadTooLarge(
+        f"{what} to {_mib(size)}, over the cluster's limit of {_mib(limit)} "
+        "(max_payload): pass a file path or a shared store's key instead of the data",
+        size=size, limit=limit)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle's, refusing what cannot work on another process of the cluster."""
+
+    def reducer_override(self, obj):
+        managers = sys.modules.get("multiprocessing.managers")     # no proxy without it
+        if managers is not None and isinstance(obj, managers.BaseProxy):
+            raise TypeError(
+                f"a multiprocessing manager proxy ({type(obj).__name__}) does not work on the "
+                "cluster: its manager serves one host, under a key the workers do not hold; send "
+                "the values themselves, and gather what jobs return")
+        return super().reducer_override(obj)
+
+
 def dumps(obj: Any) -> bytes:
-    return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
+    return buffer.getvalue()
 
 
 loads = pickle.loads
@@ -117,8 +166,19 @@ def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
         pickle.loads(blob)      # one that will not load here will not load there
     except Exception:
         blob = None
+    if blob is not None and len(blob) > BATCH_BYTES:
+        blob = None     # an exception holding a big payload: its text will do
+    message, tb = _clip(message), _clip(tb)
     return pickle.dumps((blob, type_name, message, tb, f"{where()}, attempt {attempt}"),
                         protocol=PROTOCOL)
+
+
+def _clip(text: str, most: int = 1 << 16) -> str:
+    """At most ``most`` characters of ``text``: its start and end, which say the most."""
+    if len(text) <= most:
+        return text
+    half = most // 2
+    return f"{text[:half]}\n... ({len(text) - most:,} characters left out) ...\n{text[-half:]}"
 
 
 _DYNAMIC_FRAME = re.compile(r'^(  File )"<dynamic-code>", line (\d+), in (.+)$', re.MULTILINE)

@@ -39,6 +39,7 @@ from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .pool import ProcessPool
 from .handshake import VERSIONS
+from .protocol import batch_length
 from .transport import Reconnecting, connect, reach_broker
 
 log = logging.getLogger("mpqueue.worker")
@@ -85,9 +86,11 @@ class Worker:
         self._finished: deque = deque(maxlen=4096)  # ids of recently finished jobs
         self._solo: set[int] = set()        # in a batch whose child died: run alone
         self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
+        self._stopped = threading.Event()   # set with _stop: ends the wait for a broker at start
         self._reporting = False
         self._fetcher_waits = False         # the fetch thread waits for room
         self._heartbeat = SETTINGS.heartbeat_interval
+        self._max_payload = int(SETTINGS.max_payload)    # the broker's, once registered
         self._broker_id: str | None = None     # which broker we registered with
         self._orphans: set[int] = set()         # running jobs the broker no longer knows: not reported
         self._failure: BrokerUnavailable | None = None
@@ -182,7 +185,8 @@ class Worker:
                     running = self._running
                     # Gone idle: report from here at once, sparing the latency
                     # of a handoff; while busy, the report thread batches.
-                    direct = not self._inbox and not pool.busy() and not self._outbox
+                    direct = (not self._inbox and not pool.busy() and not self._outbox
+                              and batch_length(outcomes, _size) == len(outcomes))
                     if not direct:
                         self._outbox.extend(outcomes)
                     if self._fetcher_waits or not direct:   # room for it, or something to report
@@ -197,7 +201,7 @@ class Worker:
         started = []
         while idle and self._inbox:
             child = idle.pop()
-            child.run(self._take_batch(pool, child))
+            child.run(self._take_batch(pool, child), self._max_payload)
             started.append(child)
         self._note_running(pool)
         return any(c.deadline() is not None for c in started) or bool(started and pool.max_memory)
@@ -262,6 +266,7 @@ class Worker:
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
             "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
         self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
+        self._max_payload = reply.get("max_payload", self._max_payload)
         with self._lock:
             # A different broker than before (restarted without its journal):
             # the job ids we hold mean nothing to it, or another job.
@@ -393,7 +398,8 @@ class Worker:
 
     def _report_outbox(self) -> None:
         with self._lock:
-            outcomes, self._outbox = self._outbox, []
+            cut = batch_length(self._outbox, _size)
+            outcomes, self._outbox = self._outbox[:cut], self._outbox[cut:]
             self._reporting_now = outcomes
             running, broker_id = self._running, self._broker_id
         try:
@@ -437,3 +443,8 @@ class Worker:
                 pass
         except BlockingIOError:
             pass
+
+
+def _size(outcome) -> int:
+    """An outcome's payload bytes, for cutting reports into messages."""
+    return len(outcome.payload) if isinstance(outcome.payload, bytes) else 0

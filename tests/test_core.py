@@ -195,4 +195,5 @@ def test_local_client_runs_jobs_and_leaves_no_process(isolated):
 def test_public_api_is_small():
     assert set(mpqueue.__all__) == {
         "Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
-        "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost", "RemoteError", "__version__"}
+        "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost", "PayloadTooLarge", "RemoteError",
+        "__version__"}
