@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import functools
 import itertools
 import logging
 import os
@@ -64,27 +65,45 @@ _UNSET: Any = object()
 class _FunctionCache:
     """Each distinct function is pickled once: by identity, most recent first.
 
-    Holding the function keeps its ``id`` from being reused while cached.
+    An entry holds its function weakly where it can (as the stdlib executors
+    hold nothing once a job is done): a bound method must not keep its
+    object, and whatever that holds, alive. A dead function's entry goes, so
+    its ``id`` cannot name a new one. Functions that take no weak reference
+    (builtins) are held: they live as long as their module anyway.
     """
 
     def __init__(self, size: int = 128):
-        self._entries: OrderedDict[int, tuple[Callable, bytes, bytes]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[Callable[[], Any], bytes, bytes]] = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
 
     def get(self, fn: Callable) -> tuple[bytes, bytes]:
         with self._lock:
             entry = self._entries.get(id(fn))
-            if entry is not None and entry[0] is fn:
+            if entry is not None and entry[0]() is fn:
                 self._entries.move_to_end(id(fn))
                 return entry[1], entry[2]
         blob = _pickle("function", fn)
         key = digest(blob)
+        try:
+            ref: Callable[[], Any] = weakref.ref(fn, functools.partial(self._drop, id(fn)))
+        except TypeError:
+            ref = functools.partial(_same, fn)
         with self._lock:
-            self._entries[id(fn)] = (fn, key, blob)
+            self._entries[id(fn)] = (ref, key, blob)
             if len(self._entries) > self._size:
                 self._entries.popitem(last=False)
         return key, blob
+
+    def _drop(self, key: int, ref: weakref.ref) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._entries[key]
+
+
+def _same(obj: Any) -> Any:
+    return obj
 
 
 def _pickle(what: str, obj: Any) -> bytes:
@@ -95,9 +114,31 @@ def _pickle(what: str, obj: Any) -> bytes:
         raise pickle.PicklingError(f"cannot send the job's {what} to the cluster: {e}") from e
 
 
-def _options(base: Options, timeout: float | None = _UNSET, retries: int = _UNSET,
+#: Keywords of other executors that are no job option here, and what to do instead.
+_ELSEWHERE = {
+    "max_workers": "the cluster's size is set where its workers start: `mpqueue worker ADDRESS "
+                   "--procs N` (a private Client() cluster uses every usable core)",
+    "processes": "the cluster's size is set where its workers start: `mpqueue worker ADDRESS --procs N`",
+    "initializer": "use mpqueue.Pool(initializer=...), or the joblib backend's initializer",
+    "initargs": "use mpqueue.Pool(initializer=..., initargs=...)",
+    "max_tasks_per_child": "`mpqueue worker --max-tasks-per-child N` recycles a worker's processes",
+    "mp_context": "workers start their processes with forkserver; there is no context to choose",
+}
+_JOB_OPTIONS = ("timeout", "retries", "retry_delay", "retry_on", "priority")
+
+
+def _options(base: Options, where: str, options: dict[str, Any]) -> Options:
+    """``base`` with the given per-job options changed, checked. ``where``
+    names the call, for an unknown keyword's error."""
+    for name in options:
+        if name not in _JOB_OPTIONS:
+            hint = _ELSEWHERE.get(name, "job options are " + ", ".join(_JOB_OPTIONS))
+            raise TypeError(f"{where} got an unexpected keyword argument {name!r}: {hint}")
+    return _changed(base, **options)
+
+
+def _changed(base: Options, timeout: float | None = _UNSET, retries: int = _UNSET,
              retry_delay: float = _UNSET, retry_on=_UNSET, priority: int = _UNSET) -> Options:
-    """``base`` with the given per-job options changed, checked."""
     changes: dict[str, Any] = {}
     if timeout is not _UNSET:
         if timeout is not None and not timeout > 0:
@@ -134,7 +175,7 @@ class JobFuture(concurrent.futures.Future):
         super().__init__()
         self._client = client
         self._seq = seq
-        self._fn = fn       # to name its source in a remote traceback
+        self._fn: Callable | None = fn      # to name its source in a remote traceback; None once done
 
     def cancel(self) -> bool:
         """Withdraw the job if it has not started running: True if it will not run."""
@@ -167,7 +208,7 @@ class _Submitter:
         ``retries``, ``retry_delay``, ``retry_on``, ``priority``); nothing is
         taken from the keywords of your function."""
         view = _Submitter()
-        view._client, view._defaults = self._client, _options(self._defaults, **options)
+        view._client, view._defaults = self._client, _options(self._defaults, "options()", options)
         return view
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
@@ -230,7 +271,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self._client = self
-        self._defaults = _options(Options(), **options)
+        self._defaults = _options(Options(), "Client()", options)
         self._cluster = None
         address = address or os.environ.get("MPQUEUE_ADDRESS")
         if address is None:
@@ -334,17 +375,23 @@ class Client(_Submitter, concurrent.futures.Executor):
             raise RuntimeError("cannot submit to a Client after shutdown")
 
     def _map_results(self, futures: deque, submit_next, deadline, chunked: bool) -> Iterator:
+        # Nothing here refers to a result once it is yielded (nor to its
+        # future, which holds it): a consumer that drops it frees it.
         try:
             while futures:
                 remaining = None if deadline is None else deadline - time.monotonic()
-                value = futures[0].result(remaining)
-                futures.popleft()
-                if (f := submit_next()) is not None:
-                    futures.append(f)
+                futures[0].result(remaining)    # raises, or it is there
+                next_future = submit_next()
+                if next_future is not None:
+                    futures.append(next_future)
+                    del next_future
                 if chunked:
-                    yield from value
+                    chunk = futures.popleft().result()
+                    chunk.reverse()
+                    while chunk:
+                        yield chunk.pop()
                 else:
-                    yield value
+                    yield futures.popleft().result()
         finally:
             if futures and self._failure is None:
                 self._withdraw(list(futures), force=False)
@@ -582,11 +629,12 @@ class Client(_Submitter, concurrent.futures.Executor):
             future = self._futures.pop(delivery.seq, None)
         if future is None or future.done():
             return False
+        fn, future._fn = future._fn, None     # a done future holds nothing of the job's
         try:
             if delivery.status is Status.OK:
                 future.set_result(loads(delivery.payload))
             else:
-                future.set_exception(_failure(delivery, future._fn))
+                future.set_exception(_failure(delivery, fn))
         except concurrent.futures.InvalidStateError:
             pass    # cancelled meanwhile
         except Exception as e:      # the result would not unpickle here
@@ -721,7 +769,13 @@ class LocalCluster:
         return process
 
     def stop(self) -> None:
-        """Shut the cluster down: ask (the shutdown event), wait, terminate, kill."""
+        """Shut the cluster down: ask (the shutdown event), wait, terminate, kill.
+
+        The broker exits once its worker has left; then the worker is told
+        to stop through its lifeline: one that had not joined the broker yet
+        (a cluster stopped as soon as it started) would otherwise wait for a
+        broker that is gone.
+        """
         if getattr(self, "address", None) is not None:
             try:
                 _, event = connect(self.address, self.authkey)
@@ -729,9 +783,12 @@ class LocalCluster:
                 event.close()
             except MpqueueError:
                 pass
-        for process in reversed(self.processes):    # the worker, then the broker
+        for process in self.processes:      # the broker, then the worker
+            if process is not self.broker:
+                process.stdin.close()
             stop_process(process, SETTINGS.child_grace + 3)
-            process.stdin.close()
+            if not process.stdin.closed:
+                process.stdin.close()
             if process.stdout:
                 process.stdout.close()
 

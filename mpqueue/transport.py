@@ -336,15 +336,16 @@ def connect(address: tuple[str, int], authkey: bytes):
 
 
 def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait,
-                 abandoned: threading.Event | None = None):
-    """Make ``first_call()`` succeed, retrying with backoff while the broker is not up.
+                 abandoned: threading.Event | None = None, said: bool = False):
+    """Make ``first_call()`` succeed, retrying with backoff while the broker is
+    not up, until ``wait`` s have passed or ``abandoned`` is set. ``said``:
+    the caller has logged that it waits already.
 
     A `BrokerUnavailable` with a true ``final`` attribute is not retried: the
     broker is up, and said something that another try would not change.
     """
     deadline = time.monotonic() + wait
     delay = 0.05
-    said = abandoned is not None    # a reconnect has said so already
     while True:
         try:
             return first_call()
@@ -436,7 +437,7 @@ class Reconnecting:
             if self._abandoned.is_set():
                 raise BrokerUnavailable(stopping)
             log.warning("%s; reconnecting for up to %.0f s", error, self._timeout)
-            reach_broker(self.address, self._rejoin, self._timeout, self._abandoned)
+            reach_broker(self.address, self._rejoin, self._timeout, self._abandoned, said=True)
             log.info("reconnected to the broker at %s", where)
         except AuthenticationError as e:
             failure = e

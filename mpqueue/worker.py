@@ -104,13 +104,16 @@ class Worker:
         # The pool first: its processes start while a broker starting at
         # the same time (a local cluster's) gets ready.
         pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child)
+        self._install_signals()
         try:
-            reach_broker(self.address, self._register)
-        except BaseException:
+            reach_broker(self.address, self._register, abandoned=self._stopped)
+        except BaseException as e:
             pool.close()
+            if isinstance(e, BrokerUnavailable) and self._stopped.is_set():
+                log.info("worker %s stopped before it joined a broker", self.id)
+                return 0
             raise
         log.info("worker %s serving %s with %d procs", self.id, format_address(self.address), self.procs)
-        self._install_signals()
         self._reporting = True
         reporter = threading.Thread(target=self._guard, args=(self._report_loop,), name="report")
         reporter.start()
@@ -418,6 +421,7 @@ class Worker:
         with self._lock:
             self._stop = max(self._stop, 2 if cold else 1)
             self._lock.notify_all()
+        self._stopped.set()
         if cold:
             self._link.abandon()
         self._wake()

@@ -5,9 +5,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
+import multiprocessing
+import pickle
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, as_completed, wait
 
 import cloudpickle
@@ -155,3 +159,91 @@ def test_shutdown_cancel_futures_and_use_after_shutdown(cluster, tmp_path):
         client.submit(abs, 1)
     with pytest.raises(RuntimeError):
         client.map(abs, [1])
+
+
+# -- references: what the client holds on to, and for how long ----------------------
+
+def make_set(i):
+    return {i}      # a set takes a weak reference: the test can see it go
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_holds_no_result_it_has_yielded(client, chunksize):
+    """A consumer that drops a result frees it (bpo-14406): with big results,
+    anything else doubles peak memory."""
+    results = client.map(make_set, range(6), chunksize=chunksize)
+    for i in range(5):
+        item = next(results)
+        assert item == {i}
+        ref = weakref.ref(item)
+        del item
+        gc.collect()
+        assert ref() is None, f"result {i} is still held after it was yielded"
+    assert list(results) == [{5}]
+
+
+class Holder:
+    def method(self):
+        return 1
+
+
+def test_a_done_job_keeps_no_reference_to_its_callable(client):
+    """A bound method's object is freed once its job is done, though the
+    future is kept: nothing of ours holds the callable."""
+    holder = Holder()
+    collected = threading.Event()
+    ref = weakref.ref(holder, lambda _: collected.set())
+    future = client.submit(holder.method)
+    del holder
+    assert future.result(30) == 1
+    gc.collect()
+    assert collected.wait(5), f"still held by: {gc.get_referrers(ref())}"
+
+
+def test_a_function_cache_entry_never_names_another_function(client):
+    """Functions made and dropped in a loop reuse ids: each job still runs its own."""
+    assert [client.submit(lambda i=i: i * 10).result(30) for i in range(20)] == \
+        [i * 10 for i in range(20)]
+
+
+# -- mistakes that explain themselves --------------------------------------------
+
+@pytest.mark.parametrize("keyword, hint", [
+    ("max_workers", "--procs N"),
+    ("initializer", "mpqueue.Pool"),
+    ("retires", "job options are timeout, retries"),
+])
+def test_an_unknown_keyword_is_named_with_what_to_use(keyword, hint):
+    from mpqueue import Client
+    with pytest.raises(TypeError, match=f"Client\\(\\) got an unexpected keyword argument '{keyword}': .*{hint}"):
+        Client("127.0.0.1:9", **{keyword: 0})
+
+
+def test_an_unknown_option_is_named_too(client):
+    with pytest.raises(TypeError, match="options\\(\\) got an unexpected keyword argument 'max_workers'"):
+        client.options(max_workers=2)
+
+
+def test_a_manager_proxy_argument_is_refused_at_submit(client):
+    manager = multiprocessing.Manager()
+    try:
+        shared = manager.dict()
+        with pytest.raises(pickle.PicklingError, match=r"a multiprocessing manager proxy \(DictProxy\) "
+                                                       r"does not work on the cluster"):
+            client.submit(len, shared)
+        with pytest.raises(pickle.PicklingError, match="ListProxy"):
+            list(client.map(len, [[manager.list()]]))
+    finally:
+        manager.shutdown()
+    assert client.submit(len, {"a": 1}).result(30) == 1
+
+
+def test_a_private_cluster_closed_at_once_stops_at_once(isolated):
+    """Client() then shutdown() right away: the worker had not joined its
+    broker yet, and once waited for one that was gone, until killed."""
+    from mpqueue import Client
+    client = Client()
+    started = time.monotonic()
+    client.shutdown()
+    assert time.monotonic() - started < 3
+    assert [p.returncode for p in client._cluster.processes] == [0, 0]
