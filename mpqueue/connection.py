@@ -44,6 +44,12 @@ _LONG = struct.Struct("!iQ")
 _IOV_MAX = 512      # pieces per writev (the system's limit is at least 1024)
 
 
+class BadMessage(EOFError):
+    """A message this end cannot take (over MAX_MESSAGE, or not unpickling):
+    the stream is out of step after it, so the connection is done. An
+    EOFError, like the peer closing, for callers that need not tell them apart."""
+
+
 class _Pieces(list):
     """A pickler's output, as the pieces it wrote (see the module docstring)."""
 
@@ -114,7 +120,7 @@ class Connection(connection.Connection):
                 why = f"a message that does not unpickle ({type(e).__name__})"
         if self.peer is not None:
             broker_log.warning("closed the connection from %s: %s", self.peer, why)
-        raise EOFError(why)
+        raise BadMessage(why)
 
     def _send_pieces(self, pieces: list) -> None:
         views = [memoryview(p) for p in pieces]

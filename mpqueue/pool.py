@@ -38,7 +38,7 @@ from multiprocessing.connection import wait
 import psutil
 
 from .config import SETTINGS
-from .connection import Connection
+from .connection import BadMessage, Connection
 from .protocol import Outcome, Status, Task, dumps, loads, pack_exception, too_large
 
 #: How many unpickled functions a child keeps, most recently used first.
@@ -176,16 +176,17 @@ class ProcessPool:
             if child is not None:
                 try:
                     results = child.conn.recv()
-                except (EOFError, OSError) as e:
-                    # It died (its sentinel tells the rest), or sent what we
-                    # cannot take: the pipe is out of step, so it goes. (A
-                    # result over the limit fails in the child, before this.)
-                    if child.process.is_alive() and child.batch:
+                except BadMessage as e:
+                    # The pipe is out of step: the child goes, failing its
+                    # job. (A result over the limit fails in the child, before this.)
+                    if child.batch:
                         child.end(Outcome(child.ids()[0], Status.LOST, {
                             "pid": child.pid, "exitcode": None, "signal": None,
                             "host": os.uname().nodename,
-                            "reason": f"the worker could not read the job's result ({e or type(e).__name__})"}))
+                            "reason": f"the worker could not read the job's result ({e})"}))
                     continue
+                except (EOFError, OSError):
+                    continue    # it died; its sentinel tells the rest
                 outcomes.extend(Outcome(i, Status(status), payload, retryable)
                                 for i, status, payload, retryable in results)
                 self._finished(child)
