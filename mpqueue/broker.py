@@ -385,7 +385,7 @@ class Broker:
                 running = info.get("running", ())
                 new = info.get("broker_id", self.id) != self.id
                 if not new:
-                    self._lease_back(self._workers[session], old, running)
+                    self._lease_back(self._workers[session], old, running, info.get("finished", ()))
                 return {"heartbeat_interval": self.settings.heartbeat_interval, "broker_id": self.id,
                         "new": new, "unknown": [i for i in running if new or i not in self._jobs],
                         "max_payload": int(self.settings.max_payload)}
@@ -404,22 +404,24 @@ class Broker:
             return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
                     "missing": missing, "max_payload": int(self.settings.max_payload)}
 
-    def _lease_back(self, worker: _Worker, old: _Worker | None, running) -> None:
-        """A worker rejoining still runs these jobs: leave them with it
-        (already counted as an attempt), not queued for another.
+    def _lease_back(self, worker: _Worker, old: _Worker | None, running, finished) -> None:
+        """A worker rejoining still runs these jobs, or holds the results of
+        these ``finished`` ones, on their way: leave them with it (already
+        counted as an attempt), not queued for another, which would run them
+        again.
 
         ``old`` is its previous registration, if this broker still had it
-        (its connections broke, the broker did not restart): the jobs that
-        worker held and does not run now, it dropped unstarted.
+        (its connections broke, the broker did not restart): the other jobs
+        that worker held, it dropped unstarted.
         """
+        kept = {*running, *finished}
         if old is not None:
             for job_id in old.held:
                 job = self._jobs.get(job_id)
                 if job is None or job.worker != worker.id:
                     continue
-                if job_id in running:
+                if job_id in kept:
                     worker.held.add(job_id)
-                    worker.running.add(job_id)
                 else:
                     job.attempts -= 1
                     self._dirty.add(job_id)
@@ -429,13 +431,13 @@ class Broker:
             # queued again look again.
             worker.withdraw = [(i, force) for i, force in self._awaited.items() if i in worker.held]
             self._answered.notify_all()
-        for job_id in running:
+        for job_id in kept:
             job = self._jobs.get(job_id)
             if job is not None and job.queued:
                 self._unqueue(job)
                 job.worker = worker.id
                 worker.held.add(job_id)
-                worker.running.add(job_id)
+        worker.running.update(i for i in running if i in worker.held)
 
     def unregister(self, session: str) -> None:
         """A worker leaves cleanly; anything it still holds goes back to the queue."""

@@ -263,9 +263,9 @@ class Worker:
         finally:
             self._wake()
 
-    def _register(self, running: list[int] | tuple = ()) -> None:
+    def _register(self, running: list[int] | tuple = (), finished: list[int] | tuple = ()) -> None:
         reply = self.broker.register(self.id, "worker", {
-            "running": running, "broker_id": self._broker_id,
+            "running": running, "finished": finished, "broker_id": self._broker_id,
             "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
             "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
         self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
@@ -296,15 +296,19 @@ class Worker:
         """Register again, with a broker that restarted or that presumed us lost.
 
         Jobs fetched and not started are dropped: that broker has queued them
-        again. Running ones are named, so that it leaves them with us.
+        again. Running ones are named, so that it leaves them with us, and so
+        are finished ones whose results we still hold: queued again, they
+        would run again, though their results are on the way.
         """
         with self._lock:
             self._in_hand -= len(self._inbox)
             self._inbox.clear()
-            running, results = list(self._running[1]), len(self._outbox)
+            running = list(self._running[1])
+            finished = [o.id for o in self._outbox + self._reporting_now]
             self._lock.notify_all()
-        self._register(running)
-        log.info("rejoined the broker with %d jobs running and %d results to deliver", len(running), results)
+        self._register(running, finished)
+        log.info("rejoined the broker with %d jobs running and %d results to deliver",
+                 len(running), len(finished))
 
     def _fetch_loop(self) -> None:
         while True:

@@ -275,3 +275,36 @@ def test_a_broker_restart_charges_no_death_to_a_live_workers_running_job(durable
     assert ledger.read_text() == "started\n"
     assert "presumed this worker lost" not in logs(worker)
     assert "disconnected" not in logs(durable.broker)
+
+
+def start_wait_end(ledger: Path, go: Path) -> int:
+    with open(ledger, "a") as f:
+        f.write("started\n")
+    while not go.exists():
+        time.sleep(0.05)
+    with open(ledger, "a") as f:
+        f.write("ended\n")
+    return 8
+
+
+def test_a_result_held_through_a_broker_restart_is_not_run_again(durable):
+    """A job that ends while its broker is down: its worker holds the result,
+    and names it when it rejoins, so the broker, which queued the job again
+    from its journal, does not hand it out a second time."""
+    durable.start_worker(1, env=RECONNECT)
+    client = durable.client(reconnect_timeout=60)
+    ledger, go = durable.tmp_path / "ledger", durable.tmp_path / "go"
+    future = client.submit(start_wait_end, ledger, go)
+    durable.wait_for(lambda s: s["running"] == 1, "the job to run")
+    port = durable.address.rsplit(":", 1)[1]
+    durable.broker.kill()
+    durable.broker.wait(10)
+    go.touch()
+    deadline = time.monotonic() + 20
+    while "ended" not in ledger.read_text():
+        assert time.monotonic() < deadline, "the job did not end"
+        time.sleep(0.05)
+    durable.start_broker("--journal", str(durable.journal), "--port", port)
+    assert future.result(30) == 8
+    time.sleep(1)       # a second run, if there were one, would be under way
+    assert ledger.read_text() == "started\nended\n"
