@@ -15,6 +15,14 @@ each batch is one mpqueue job. The batch travels as the job's argument, not
 as its function: the client and the workers keep recent job functions
 cached, and a batch holds its calls' data.
 
+joblib's ``initializer(*initargs)`` (given to `Parallel` or to
+`parallel_config`) travels with the job function, `_RunBatch`, as an
+`_Initializer` named by a token that each `Parallel` call draws afresh (in
+`MpqueueBackend.configure`). A worker's processes serve every client, so
+rather than once when a process starts (as loky does), it runs in a process
+before the first batch of *that call* there, which adds the token to the
+process's `_initialized`.
+
 joblib is an optional dependency: ``pip install mpqueue[joblib]``.
 """
 
@@ -23,8 +31,9 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import uuid
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, register_parallel_backend
 
@@ -35,19 +44,66 @@ from .multiprocessing import _usable_cpus, _Wrapper, cluster_procs
 
 __all__ = ["MpqueueBackend"]
 
+#: In a worker's process: the tokens of the `Parallel` calls whose initializer ran here.
+_initialized: set[str] = set()
+
+
+class _Initializer(NamedTuple):
+    """A `Parallel` call's ``initializer(*initargs)``, sent with each of its
+    batches; ``token`` names the call."""
+
+    token: str
+    fn: Callable
+    args: tuple
+
+    def run_once(self) -> None:
+        """Run it in this process, unless it ran here for this call already.
+
+        Once per process and call, however it travels: an initializer sent by
+        value (from ``__main__``, say) comes with a private copy of its
+        module's globals, which the tasks, sent apart, do not share; so it
+        runs once, as loky's does, not once per copy. If it raises, the batch
+        fails with its exception, and the call's next batch in this process
+        tries it again.
+        """
+        if self.token in _initialized:
+            return
+        try:
+            self.fn(*self.args)
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):    # Python 3.11 and later
+                exc.add_note("(raised by the initializer of a joblib Parallel call, "
+                             "before its tasks ran)")
+            raise
+        _initialized.add(self.token)
+
+
+def _initializer(initializer: Callable | None, initargs: Any) -> _Initializer | None:
+    """A `Parallel` call's initializer, with a fresh token; None if there is none."""
+    if initializer is None:
+        return None
+    if not callable(initializer):
+        raise TypeError(f"initializer must be a callable, got: {initializer!r}")
+    return _Initializer(uuid.uuid4().hex, initializer, tuple(initargs))
+
 
 class _RunBatch(_Wrapper):
-    """Runs a joblib batch in a worker's process. ``fn`` is the batch's
-    (first) function: the client names a remote traceback's sources by it."""
+    """Runs a joblib batch in a worker's process, after the call's initializer
+    if it has one. ``fn`` is the batch's (first) function: the client names a
+    remote traceback's sources by it."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, init: _Initializer | None = None):
         self.fn = fn
+        self.init = init
 
     def __call__(self, batch: Callable[[], list]) -> list:
+        if self.init is not None:
+            self.init.run_once()
         return batch()
 
     def __reduce__(self):
-        return _RunBatch, (None,)   # the batch brings the functions; this one is for naming
+        # The batch brings the functions; ``fn`` is for naming, and stays here.
+        return _RunBatch, (None, self.init)
 
 
 class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -57,8 +113,11 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
     ``$MPQUEUE_ADDRESS`` or, if that is unset, a private local cluster for
     each `Parallel` call. ``authkey`` is as for `Client`. Or pass ``client``,
     an `mpqueue.Client` of yours, which the backend uses and never shuts
-    down. Other keywords are job options (``timeout``, ``retries``, ...), as
-    for `Client.options`, and apply to each batch.
+    down. ``initializer(*initargs)`` runs in each worker process before the
+    first batch of each `Parallel` call there (see `_Initializer`); `Parallel`
+    takes them too, and its own win, one by one, as with loky. Other keywords
+    are job options (``timeout``, ``retries``, ...), as for `Client.options`,
+    and apply to each batch.
 
     ``n_jobs=-1`` (the default) means every process of the cluster's workers,
     counted when the `Parallel` call starts; ``n_jobs=1`` runs the calls in
@@ -71,11 +130,15 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_sharedmem = False
 
     def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
-                 client: Client | None = None, nesting_level: int | None = None,
+                 client: Client | None = None, initializer: Callable | None = None,
+                 initargs: tuple = (), nesting_level: int | None = None,
                  inner_max_num_threads: int | None = None, **options: Any):
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
         if client is not None and address is not None:
             raise ValueError("pass an address or a client, not both")
+        _initializer(initializer, initargs)     # checked now, drawn per call
+        self._initializer, self._initargs = initializer, initargs
+        self._init: _Initializer | None = None
         self._address = address
         self._authkey = authkey
         self._given = client
@@ -121,7 +184,17 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
     # -- a Parallel call ----------------------------------------------------------------
 
     def configure(self, n_jobs: int = 1, parallel=None, **backend_kwargs) -> int:
+        """The start of a `Parallel` call (or of a ``with Parallel(...)`` block).
+
+        ``backend_kwargs`` are the extra keywords given to `Parallel` (and
+        joblib's own, for memory mapping, which do not apply here): of them, an
+        ``initializer`` and ``initargs`` override the backend's.
+        """
         self.parallel = parallel
+        self._init = _initializer(backend_kwargs.get("initializer", self._initializer),
+                                  backend_kwargs.get("initargs", self._initargs))
+        with self._lock:
+            self._wrappers.clear()      # they carry the last call's initializer
         if self._client is None:
             self._connect()
         return self.effective_n_jobs(n_jobs)
@@ -167,7 +240,7 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             entry = self._wrappers.get(id(fn))
             if entry is None or entry[0] is not fn:
-                entry = self._wrappers[id(fn)] = (fn, _RunBatch(fn))
+                entry = self._wrappers[id(fn)] = (fn, _RunBatch(fn, self._init))
                 if len(self._wrappers) > 32:
                     self._wrappers.popitem(last=False)
             self._wrappers.move_to_end(id(fn))
