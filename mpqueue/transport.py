@@ -56,9 +56,10 @@ EVENT_METHODS = ("is_set", "set", "wait")
 DEFERRED = object()
 
 #: Connections that may be in their handshake at once. Past this, a new one
-#: is closed at once: each holds a thread until it authenticates, or for
-#: ``connect_timeout`` if it says nothing.
-MAX_HANDSHAKES = 256
+#: is closed at once: each holds a thread (about 30 KB) until it
+#: authenticates, or for ``connect_timeout`` if it says nothing. High enough
+#: that a few hundred silent sockets do not keep real peers out.
+MAX_HANDSHAKES = 1024
 #: The refusals past MAX_HANDSHAKES are logged at most once in this many seconds.
 REFUSALS_LOGGED_EVERY = 10.0
 
