@@ -247,3 +247,28 @@ def test_a_private_cluster_closed_at_once_stops_at_once(isolated):
     client.shutdown()
     assert time.monotonic() - started < 3
     assert [p.returncode for p in client._cluster.processes] == [0, 0]
+
+
+def fan_out(address, n):
+    """A job that submits jobs of its own to the cluster it runs on."""
+    from mpqueue import Client
+    with Client(address) as inner:
+        return sum(inner.map(abs, range(-n, 0)))
+
+
+def test_a_job_may_submit_jobs_and_wait_for_them(cluster):
+    cluster.start_worker(2)
+    client = cluster.client()
+    assert client.submit(fan_out, cluster.address, 10).result(60) == sum(range(1, 11))
+
+
+def test_shutdown_without_wait_returns_at_once_and_the_jobs_still_finish(cluster, tmp_path):
+    cluster.start_worker(1)
+    client = cluster.client()
+    go = tmp_path / "go"
+    futures = [client.submit(wait_for_file, go, i) for i in range(3)]
+    started = time.monotonic()
+    client.shutdown(wait=False)
+    assert time.monotonic() - started < 1
+    go.touch()
+    assert [f.result(30) for f in futures] == [0, 1, 2]

@@ -154,3 +154,15 @@ def test_a_client_of_yours_and_job_options(cluster, tmp_path):
         with pytest.raises(mpqueue.JobTimeout):
             Parallel(n_jobs=2)(delayed(time.sleep)(30) for _ in range(2))
         assert time.monotonic() - started < 10
+
+
+def inner_parallel(i):
+    """A task that runs a Parallel call of its own, as nested joblib code does."""
+    return sum(Parallel(n_jobs=2)(delayed(abs)(-j) for j in range(i)))
+
+
+def test_a_task_may_run_a_parallel_call_of_its_own(cluster):
+    cluster.start_worker(2)
+    with parallel_config(backend="mpqueue", address=cluster.address):
+        assert Parallel(n_jobs=2)(delayed(inner_parallel)(i) for i in range(6)) == \
+            [sum(range(i)) for i in range(6)]
