@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
 # Whatever a test leaves reconnecting to a broker it killed gives up soon:
 # set before mpqueue reads its settings, for this process and all it starts.
 os.environ["MPQUEUE_RECONNECT_TIMEOUT"] = "3"
 
+from helpers import TAG, kill_tree, read_line, tagged_processes, wait_for_status  # noqa: E402
 from mpqueue import Client  # noqa: E402
-
-TAG = "MPQUEUE_TEST_TAG"
-
-
-def tagged_processes(tag: str) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid():
-            continue
-        try:
-            if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return found
 
 
 @pytest.fixture(autouse=True)
@@ -60,20 +42,6 @@ def isolated(monkeypatch, tmp_path):
         proc.kill()
     assert not left, "processes left behind: " + ", ".join(
         f"{p.pid} {' '.join(p.cmdline())}" for p in left)
-
-
-def kill_tree(pid: int, sig=signal.SIGKILL) -> None:
-    """Send ``sig`` to a process and every descendant it has now."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
 
 
 class Cluster:
@@ -143,25 +111,6 @@ class Cluster:
             client.shutdown(wait=True)
 
 
-def wait_for_status(status, predicate, what: str, timeout: float = 20) -> dict:
-    """Poll ``status()`` until ``predicate`` holds of what it returns; fail,
-    showing the last status, after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        current = status()
-        if predicate(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; status: {current}")
-        time.sleep(0.1)
-
-
-def read_line(stream, timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, f"no output within {timeout} s"
-    return stream.readline().decode()
-
-
 @pytest.fixture
 def cluster(tmp_path):
     """A broker on port 0 and nothing else yet; start workers with start_worker()."""
@@ -183,14 +132,3 @@ def empty(tmp_path):
         c.close()
 
 
-def logs(proc: subprocess.Popen) -> str:
-    proc.log.flush()
-    proc.log.seek(0)
-    return proc.log.read()
-
-
-def python(code: str, env: dict | None = None, timeout: float = 60,
-           args: list[str] = ()) -> subprocess.CompletedProcess:
-    """Run a user script (with ``args`` as its sys.argv[1:]) in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, env=None if env is None else {**os.environ, **env})

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import eventually
 from mpqueue import Client
 
 #: The broker's and the worker's parked fetch and control calls wait this long
@@ -163,12 +164,6 @@ def blip_proxy():
         proxy.close()
 
 
-def wait_until(predicate, what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_a_job_submitted_after_a_worker_blip_is_not_leased_on_its_dead_connection(empty, blip_proxy):
@@ -182,7 +177,7 @@ def test_a_job_submitted_after_a_worker_blip_is_not_leased_on_its_dead_connectio
     time.sleep(0.5)                     # its next fetch call is parked at the broker
     assert proxy.blip() >= 2            # fetch and control calls among them
     # (Its log read through a file of our own: logs() moves the offset the worker writes at.)
-    wait_until(lambda: "rejoined" in Path(worker.log.name).read_text(), "the worker to rejoin", 10)
+    eventually(lambda: "rejoined" in Path(worker.log.name).read_text(), "the worker to rejoin", 10)
     time.sleep(1.5)                     # a heartbeat: each thread has met its broken connection
     # One at a time: each submission wakes the longest parked fetch call.
     futures = []

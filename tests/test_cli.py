@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import logs
+from helpers import logs
 from mpqueue import AuthenticationError, BrokerUnavailable, Client
 
 ROOT = Path(__file__).resolve().parent.parent

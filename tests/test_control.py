@@ -14,16 +14,12 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import python
+from helpers import python, wait_for_file
 from mpqueue import Client, JobTimeout, WorkerLost
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def wait_for_file(path: Path, value=None):
-    while not path.exists():
-        time.sleep(0.01)
-    return value
 
 
 def mark(path: Path, value=None):

@@ -182,7 +182,7 @@ def test_executor_protocol_and_use_after_shutdown(cluster):
 
 
 def test_local_client_runs_jobs_and_leaves_no_process(isolated):
-    from conftest import tagged_processes
+    from helpers import tagged_processes
     with Client() as client:
         assert sorted(client.map(lambda x: x * x, range(20))) == [x * x for x in range(20)]
         assert tagged_processes(isolated), "the local cluster should be running now"

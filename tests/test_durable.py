@@ -19,7 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import kill_tree, logs, python, read_line
+from helpers import kill_tree, logs, python, read_line, wait_for_file
 from mpqueue import BrokerUnavailable
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -48,10 +48,6 @@ with open(out, "w") as f:
 """
 
 
-def wait_for(path: Path, value):
-    while not path.exists():
-        time.sleep(0.01)
-    return value
 
 
 def start_client(cluster, n: int = JOBS) -> subprocess.Popen:
@@ -190,7 +186,7 @@ def test_jobs_a_journal_lost_fail_and_the_rest_complete(durable):
     durable.start_worker(1, env=RECONNECT)
     client = durable.client(reconnect_timeout=60)
     go = durable.tmp_path / "go"
-    before = client.submit(wait_for, go, "before")
+    before = client.submit(wait_for_file, go, "before")
     durable.wait_for(lambda s: s["running"] == 1, "the first job to run")
     with sqlite3.connect(durable.journal) as db, sqlite3.connect(backup) as copy:
         db.backup(copy)

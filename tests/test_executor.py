@@ -17,24 +17,17 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, 
 import cloudpickle
 import pytest
 
+from helpers import eventually, wait_for_file
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def wait_for_file(path, value=None):
-    while not path.exists():
-        time.sleep(0.01)
-    return value
 
 
 def fail(message):
     raise ValueError(message)
 
 
-def eventually(predicate, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -13,22 +13,17 @@ import cloudpickle
 import psutil
 import pytest
 
-from conftest import kill_tree, logs
+from helpers import kill_tree, logs, wait_for_file
 from mpqueue import BrokerUnavailable, ClusterShutdown
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def wait_then(path: Path, value):
-    """Block until ``path`` exists (the test's go signal), then return ``value``."""
-    while not path.exists():
-        time.sleep(0.01)
-    return value
 
 
 def started_then_wait(started: Path, go: Path, value):
     started.touch()
-    return wait_then(go, value)
+    return wait_for_file(go, value)
 
 
 def die_once(marker: Path, value):
@@ -50,7 +45,7 @@ def test_kill_9_of_a_worker_and_its_children_loses_no_job(cluster):
     go = cluster.tmp_path / "go"
     victim = cluster.start_worker(2)
     client = cluster.client()
-    futures = [client.submit(wait_then, go, i) for i in range(4)]
+    futures = [client.submit(wait_for_file, go, i) for i in range(4)]
     cluster.wait_for(lambda s: s["running"] == 2, "jobs to run on the victim")
     kill_tree(victim.pid)
     cluster.start_worker(2)
@@ -61,7 +56,7 @@ def test_kill_9_of_a_worker_and_its_children_loses_no_job(cluster):
 def record_then_wait(ran: Path, go: Path):
     with open(ran, "a") as f:
         f.write("x")
-    return wait_then(go, ran.stat().st_size)
+    return wait_for_file(go, ran.stat().st_size)
 
 
 def test_kill_9_of_the_worker_alone_takes_its_children_down(cluster):
@@ -86,7 +81,7 @@ def test_sigterm_is_a_warm_stop(cluster):
     client = cluster.client()
     running = client.submit(started_then_wait, started, go, "finished where it started")
     queued = [client.submit(abs, -i) for i in range(5)]
-    wait_then(started, None)
+    wait_for_file(started, None)
     cluster.wait_for(lambda s: s["workers"][0]["queued"] >= 1, "a job to be prefetched")
     worker.send_signal(signal.SIGTERM)
     cluster.start_worker(1)
@@ -104,7 +99,7 @@ def test_second_sigterm_is_a_cold_stop_and_the_job_runs_elsewhere(cluster):
     worker = cluster.start_worker(1)
     client = cluster.client()
     job = client.submit(started_then_wait, started, go, "done")
-    wait_then(started, None)
+    wait_for_file(started, None)
     worker.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     worker.send_signal(signal.SIGTERM)
@@ -135,7 +130,7 @@ def test_a_silent_worker_is_presumed_lost_and_rejoins(empty):
     go = empty.tmp_path / "go"
     frozen = empty.start_worker(1)
     client = empty.client()
-    job = client.submit(wait_then, go, "rescued")
+    job = client.submit(wait_for_file, go, "rescued")
     empty.wait_for(lambda s: s["running"] == 1, "the job to run")
     frozen.send_signal(signal.SIGSTOP)
     try:
@@ -198,7 +193,7 @@ def test_shutdown_drains_running_jobs_and_fails_queued_ones(cluster):
     client = cluster.client()
     running = client.submit(started_then_wait, started, go, "drained")
     queued = [client.submit(abs, -i) for i in range(3)]
-    wait_then(started, None)
+    wait_for_file(started, None)
     result = cluster.run("shutdown", cluster.address)
     assert result.returncode == 0, result.stderr
     time.sleep(0.3)
@@ -216,7 +211,7 @@ def test_a_broker_that_stays_dead_fails_futures_and_stops_workers_after_the_reco
     go = cluster.tmp_path / "go"
     worker = cluster.start_worker(1, "--reconnect-timeout", "2")
     client = cluster.client(reconnect_timeout=2)
-    job = client.submit(wait_then, go, 1)
+    job = client.submit(wait_for_file, go, 1)
     cluster.wait_for(lambda s: s["running"] == 1, "the job to run")
     cluster.broker.kill()
     with pytest.raises(BrokerUnavailable, match="could not reconnect within 2 s"):

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import kill_tree, read_line, wait_for_status
+from helpers import kill_tree, read_line, wait_for_status
 
 SUBNET = "10.231.0"
 ADDRESSES = {"br": f"{SUBNET}.1", "a": f"{SUBNET}.2", "b": f"{SUBNET}.3", "c": f"{SUBNET}.4"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from conftest import logs
+from helpers import logs
 from mpqueue import PayloadTooLarge, WorkerLost
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

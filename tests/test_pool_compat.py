@@ -348,7 +348,7 @@ def test_maxtasksperchild_is_accepted_and_not_enforced(cluster):
 
 
 def test_private_local_cluster_runs_and_stops(isolated):
-    from conftest import tagged_processes
+    from helpers import tagged_processes
     with Pool(2) as p:
         assert p.map(sqr, range(10)) == [sqr(i) for i in range(10)]
         assert tagged_processes(isolated), "the private cluster should be running"

@@ -23,7 +23,7 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from conftest import logs, python
+from helpers import logs, python
 
 import mpqueue
 from mpqueue import Client

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from conftest import python
+from helpers import python
 from mpqueue import Client
 
 SLOW = {"MPQUEUE_WAIT_SLICE": "10"}
