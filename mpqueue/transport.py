@@ -25,6 +25,7 @@ nothing it serves needs to be picklable under spawn or forkserver.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ import threading
 import time
 import traceback
 from multiprocessing import managers, util
+from typing import Callable
 
 from .config import SETTINGS, format_address, resolve_tls
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
@@ -54,6 +56,15 @@ EVENT_METHODS = ("is_set", "set", "wait")
 
 #: What a broker method returns for a call it parked: its answer is sent later.
 DEFERRED = object()
+
+
+@dataclasses.dataclass(eq=False)
+class Caller:
+    """One connection, as the broker sees it: handed to each of its calls
+    (the ``caller`` keyword), in place of any per-thread state."""
+    peer: str | None                    # its IP address, or "local" (our local socket)
+    reply: Callable[[tuple], None]      # answers a parked call later: ("#RETURN", value) or ("#ERROR", exc)
+    session: str | None = None          # the session it serves, once the broker has seen one
 
 #: Connections that may be in their handshake at once. Past this, a new one
 #: is closed at once: each holds a thread (about 30 KB) until it
@@ -240,7 +251,9 @@ class BrokerServer(managers.Server):
                 threading.Thread(target=send, args=(message, rest), daemon=True).start()
 
         answers: queue.SimpleQueue = queue.SimpleQueue()
-        self.broker.connection_opened(conn.host, reply if conn.concurrent_send else answers.put)
+        # The peer's IP address (hostnames can be alike: containers, cloned
+        # machines; addresses on one network are not), or "local".
+        caller = Caller(conn.host, reply if conn.concurrent_send else answers.put)
         try:
             while True:
                 try:
@@ -257,7 +270,10 @@ class BrokerServer(managers.Server):
                     send(("#TRACEBACK", traceback.format_exc()))
                     continue
                 try:
-                    result = function(*args, **kwds)
+                    if obj is self.broker:
+                        result = function(*args, caller=caller, **kwds)
+                    else:
+                        result = function(*args, **kwds)
                 except Exception as e:
                     send(("#ERROR", e))
                 else:
@@ -266,7 +282,7 @@ class BrokerServer(managers.Server):
                     elif not conn.concurrent_send:
                         send(answers.get())
         finally:
-            self.broker.connection_closed()
+            self.broker.connection_closed(caller)
             with lock:
                 conn.close()
 

@@ -1,0 +1,932 @@
+"""The broker's state machine: jobs, the queue, leases, results and sessions.
+
+::
+
+    submit ─▶ queue ─fetch─▶ held by a worker ─report─▶ results of its client ─collect/ack─▶ gone
+              ▲  ▲                 │
+              │  └── re-queued ────┤  worker lost (connection closed, heartbeats stopped),
+              │                    │  or its child died with attempts left
+              └─ delayed ◀─────────┘  raised or timed out with retries left (backoff)
+
+Everything the broker decides is decided here, and nothing here waits:
+`BrokerState` holds no lock, starts no thread, touches no socket and reads
+no clock. Each method takes the time (``now``, a monotonic reading) and
+returns its answer; what else must happen because of it (answer a parked
+call, write journal rows, wake the workers' control calls or the cancels
+waiting on them, wake the timer earlier) collects in an `Effects`, which the
+shell (`broker.Broker`) takes once per call with `settle` and carries out.
+So a test drives it with a fake clock (``tests/unit``), and the concurrency
+around it is all in one place: see docs/internals.md.
+
+The queue is a heap: higher priority first, then submission order. Dispatch
+is a lease, never a bare "take from the queue": a job is done only when its
+outcome arrives, and the jobs of a worker that disappears go back to the
+queue. A result leaves only once its client acknowledges it on its next
+`collect`. Payloads are opaque bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import logging
+import random
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
+
+from .config import SETTINGS, Settings
+from .protocol import BATCH_BYTES, Delivery, Options, Outcome, Status, Submission, Task
+
+log = logging.getLogger("mpqueue.broker")
+
+#: A job whose process dies this many times (or retries + 1, if more) fails
+#: with WorkerLost.
+MAX_DEATHS = 3
+#: Most results handed to a client in one `collect` (and BATCH_BYTES of them
+#: at most, as for a `fetch`).
+COLLECT_BATCH = 1000
+#: Once a backlog of this many jobs or more has drained, the broker gives its
+#: freed memory back to the system (`Broker.release_memory`).
+TRIM_AFTER = 10_000
+
+#: What `fetch` and `collect` return for a call they parked: its answer goes
+#: out later, in the `Effects` of the call that makes it answerable.
+PARKED: Any = object()
+#: What `withdrawals` returns when a worker has no request yet: its control
+#: call waits for `Effects.wake_control`.
+NOTHING_YET: Any = object()
+
+#: How a parked call is answered: opaque here (the shell's reply function for
+#: the call's connection), handed back in `Effects.answers`.
+Reply = Any
+Answer = tuple[str, Any]        # ("#RETURN", value) or ("#ERROR", exception)
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class Effects:
+    """What must happen once a call's changes are made, in this order: wake
+    the threads waiting in the broker, write the journal rows and commit,
+    then (lock released) send the answers."""
+    answers: list[tuple[Reply, Answer]] = dataclasses.field(default_factory=list)
+    journal: list[tuple[str, tuple]] = dataclasses.field(default_factory=list)  # (Journal method, args)
+    wake_control: bool = False      # workers have withdraw requests, or the cluster closes
+    wake_cancels: bool = False      # cancels waiting on workers' answers must look again
+    timer_at: float | None = None   # a new deadline: the timer thread must act by then
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Job:
+    task: Task
+    options: Options
+    client: str
+    seq: int
+    worker: str | None = None   # the session holding its lease, if any
+    attempts: int = 0           # times handed to a worker and not given back
+    deaths: int = 0             # times the process running it died
+    queued: bool = False        # in the queue now (not leased, not backing off)
+
+
+@dataclasses.dataclass(eq=False)
+class _Worker:
+    id: str
+    host: str
+    pid: int
+    procs: int
+    last_seen: float                # monotonic
+    address: str | None = None      # IP address its connection came from
+    versions: dict = dataclasses.field(default_factory=dict)    # its mpqueue, Python, cloudpickle
+    held: set[int] = dataclasses.field(default_factory=set)     # job ids leased to it
+    running: set[int] = dataclasses.field(default_factory=set)  # as of its newest report
+    running_version: int = 0
+    withdraw: list[tuple[int, bool]] = dataclasses.field(default_factory=list)  # (job id, force) to ask it
+    done: int = 0
+    failed: int = 0
+    lost: int = 0
+    timed_out: int = 0
+    retried: int = 0
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Parked:
+    """A `fetch` or `collect` call waiting for something to return.
+
+    Its connection's thread has gone back to reading; the call that queues a
+    job or finishes a result answers it (`Effects.answers`). That spares a
+    thread wakeup per job at each end, which is most of what a round trip
+    costs on a busy machine.
+    """
+    reply: Reply
+    deadline: float                     # answered empty then
+    worker: _Worker | None = None       # a fetch: whose, and how many jobs at most
+    max_jobs: int = 0
+    urgent: bool = False                # a collect a thread waits on (`BrokerState.collect`)
+
+
+@dataclasses.dataclass(eq=False)
+class _Client:
+    jobs: dict[int, int] = dataclasses.field(default_factory=dict)   # its seq -> job id, unfinished
+    #: (number, Delivery, created), not yet acknowledged
+    results: deque[tuple[int, Delivery, float]] = dataclasses.field(default_factory=deque)
+    numbers: Iterator[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+    max_seq: int = 0            # its highest job number received: a batch sent again is skipped
+    withdrawn: set[int] = dataclasses.field(default_factory=set)  # its job numbers cancelled
+    gone_since: float | None = None
+    woken: bool = False         # its parked collects return, even empty (a cancel)
+    kicked: tuple | None = None  # (kind, reply) of a kick that found nothing parked
+    #: Its parked collect calls, answered from the end: urgent ones (a thread
+    #: waiting on a result, which saves a handoff) are put there.
+    collectors: list[_Parked] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class PendingCancel:
+    """A cancel waiting for workers to say whether they withdrew jobs they hold."""
+    session: str
+    seqs: list[int]
+    verdicts: dict[int, bool]
+    asked: dict[int, int]       # job id -> seq
+
+
+def max_deaths(options: Options) -> int:
+    return max(MAX_DEATHS, options.retries + 1)
+
+
+class BrokerState:
+    """All queue state, and every rule about it.
+
+    ``closing()`` says whether the cluster is shutting down (the shutdown
+    event, which clients set without the broker's lock). ``durable``: a
+    journal is kept, so changes are recorded in `Effects.journal`.
+    ``first_id``: where job ids start (see `broker._first_id`). ``rng``: the
+    jitter of retry backoffs.
+    """
+
+    def __init__(self, settings: Settings = SETTINGS, *, broker_id: str, first_id: int,
+                 durable: bool = False, closing: Callable[[], bool] = lambda: False,
+                 rng: random.Random | None = None):
+        self.settings = settings
+        self.id = broker_id     # a worker rejoining a different one holds nothing it would know
+        self.durable = durable
+        self.closing = closing
+        self._rng = rng or random.Random()
+        self.out = Effects()
+        self._dirty: set[int] = set()                  # jobs whose attempts changed, for the journal
+        self._fetchers: deque[_Parked] = deque()       # parked fetch calls, oldest first
+        self._recheck_fetchers = False                 # a worker left or rejoined: look at them
+        self._nudged: set[str] = set()                 # clients with new results (or woken) in this call
+        self._answers: dict[int, bool] = {}            # job id -> withdrawn? (awaited ones only)
+        self._awaited: dict[int, bool] = {}            # job id -> force, of cancels waiting
+        self._connections: dict[str, int] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._queue: list[tuple[int, int]] = []        # heap of (-priority, id); stale ids skipped
+        self._queued = 0
+        self._delayed: list[tuple[float, int]] = []    # heap of (due, id): retries backing off
+        self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
+        self._workers: dict[str, _Worker] = {}
+        self._clients: dict[str, _Client] = {}
+        self._ids = itertools.count(first_id)
+        self._done = 0
+        self._failed = 0
+        self._drain_deadline: float | None = None
+        self._backlog = 0                              # most jobs held since memory was last released
+
+    def restore(self, state: dict, now: float, wall: float) -> tuple[int, int, int]:
+        """Take back a journal's state (`Journal.load`): every job queued,
+        results waiting for their clients. ``wall``: time.time() at ``now``.
+        Returns how many jobs, results and clients it took back."""
+        self.id = state["id"]
+        self._ids = itertools.count(max(state["next_id"], next(self._ids)))
+        self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
+        for session, (max_seq, last_number) in state["clients"].items():
+            client = self._client(session)
+            client.max_seq = max_seq
+            client.numbers = itertools.count(last_number + 1)
+        for job_id, session, seq, fn, payload, chunked, opts, attempts, deaths in state["jobs"]:
+            task = Task(job_id, fn, payload, chunked, opts.timeout, opts.retry_on, 0)
+            job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths)
+            self._functions[fn][1] += 1
+            self._client(session).jobs[seq] = job_id
+            self._push(job)
+        for session, number, delivery, created in state["results"]:
+            # Their age, in the monotonic clock, for the TTL.
+            self._client(session).results.append((number, delivery, now - max(0.0, wall - created)))
+        for client in self._clients.values():
+            client.gone_since = now     # until it reconnects
+        return len(self._jobs), len(state["results"]), len(self._clients)
+
+    def _record(self, name: str, *args: Any) -> None:
+        """A journal row to write (`Journal` method ``name``)."""
+        if self.durable:
+            self.out.journal.append((name, args))
+
+    def settle(self) -> Effects:
+        """End a call: answer the parked calls it made answerable, and hand
+        over everything the shell must do."""
+        self._answer_parked()
+        if self._dirty:
+            if self.durable:
+                self.out.journal.append(("attempts", ([(job.attempts, job.deaths, i) for i in self._dirty
+                                                       if (job := self._jobs.get(i)) is not None],)))
+            self._dirty.clear()
+        effects, self.out = self.out, Effects()
+        return effects
+
+    # -- parked calls -------------------------------------------------------
+
+    def _park(self, reply: Reply, wait: float, now: float, session: str, worker: _Worker | None = None,
+              max_jobs: int = 0, urgent: bool = False) -> Any:
+        parked = _Parked(reply, now + min(wait, self.settings.wait_slice), worker, max_jobs, urgent)
+        self._wake_timer(parked.deadline)
+        if parked.worker is not None:
+            self._fetchers.append(parked)
+        elif parked.urgent:     # answered first (from the end)
+            self._clients[session].collectors.append(parked)
+        else:
+            self._clients[session].collectors.insert(0, parked)
+        return PARKED
+
+    def _wake_timer(self, at: float) -> None:
+        if self.out.timer_at is None or at < self.out.timer_at:
+            self.out.timer_at = at
+
+    def _answer(self, parked: _Parked, value: Any, error: bool = False) -> None:
+        self.out.answers.append((parked.reply, ("#ERROR" if error else "#RETURN", value)))
+
+    def _answer_parked(self) -> None:
+        closing = self.closing()
+        if self._fetchers and (self._queued or self._recheck_fetchers or closing):
+            self._recheck_fetchers = False
+            waiting: deque[_Parked] = deque()
+            for parked in self._fetchers:
+                assert parked.worker is not None
+                worker = self._workers.get(parked.worker.id)
+                if closing:
+                    self._answer(parked, None)
+                elif worker is None:
+                    self._answer(parked, LookupError(f"worker {parked.worker.id} is not registered"), True)
+                elif worker is not parked.worker:
+                    # It registered again meanwhile: this call's connection is
+                    # a dead one it left. Lease nothing on it.
+                    self._answer(parked, ([], {}))
+                elif self._queued and (leased := self._lease(worker, parked.max_jobs))[0]:
+                    self._answer(parked, leased)
+                else:
+                    waiting.append(parked)
+            self._fetchers = waiting
+        for session in self._nudged:
+            client = self._clients.get(session)
+            if client is None or not client.collectors:
+                continue
+            if client.woken:
+                client.woken = False
+                for parked in client.collectors:
+                    self._answer(parked, self._batch(client))
+                client.collectors.clear()
+            elif client.results:
+                self._answer(client.collectors.pop(), self._batch(client))
+        self._nudged.clear()
+
+    def next_deadline(self) -> float | None:
+        """When `expire` has something to do next, if ever."""
+        times = [p.deadline for p in self._fetchers]
+        times += [p.deadline for c in self._clients.values() for p in c.collectors]
+        if self._delayed:
+            times.append(self._delayed[0][0])
+        return min(times, default=None)
+
+    def expire(self, now: float) -> None:
+        """Queue the retries now due; answer the parked calls whose wait ran out."""
+        self._promote_due(now)
+        for parked in [p for p in self._fetchers if p.deadline <= now]:
+            self._fetchers.remove(parked)
+            self._answer(parked, ([], {}))
+        for client in self._clients.values():
+            for parked in [p for p in client.collectors if p.deadline <= now]:
+                client.collectors.remove(parked)
+                self._answer(parked, self._batch(client))
+
+    # -- sessions ---------------------------------------------------------
+
+    def connected(self, session: str) -> None:
+        """A connection serves ``session`` from now on."""
+        self._connections[session] = self._connections.get(session, 0) + 1
+        client = self._clients.get(session)
+        if client is not None:
+            client.gone_since = None
+
+    def connection_closed(self, session: str, reply: Reply, now: float) -> None:
+        """A connection of ``session`` ended; ``reply`` answered its parked calls."""
+        self._fetchers = deque(p for p in self._fetchers if p.reply is not reply)
+        client = self._clients.get(session)
+        if client is not None:
+            client.collectors = [p for p in client.collectors if p.reply is not reply]
+        left = self._connections[session] - 1
+        if left:
+            self._connections[session] = left
+            return
+        # Its last connection: the process is gone (or its network is).
+        del self._connections[session]
+        worker = self._workers.get(session)
+        if worker is not None:
+            log.warning("worker %s (%s pid %d) disconnected", worker.id, worker.host, worker.pid)
+            self._lose_worker(worker, True, now)
+        client = self._clients.get(session)
+        if client is not None:
+            client.gone_since = now
+
+    def register(self, session: str, kind: str, info: dict, peer: str | None, now: float) -> dict:
+        """A worker or client introduces itself; ``peer``: its address (`Broker.connection_opened`)."""
+        if kind == "worker":
+            versions = {k: info.get(k) for k in ("version", "python", "cloudpickle")}
+            old = self._workers.pop(session, None)
+            self._recheck_fetchers = True   # its parked fetch, if any, is on a connection it left
+            worker = self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"],
+                                                      now, address=peer, versions=versions)
+            log.info("worker %s joined from %s (%s) pid %d with %d procs",
+                     session, info["host"], peer, info["pid"], info["procs"])
+            running = info.get("running", ())
+            new = info.get("broker_id", self.id) != self.id
+            if not new:
+                self._lease_back(worker, old, running, info.get("finished", ()))
+            return {"heartbeat_interval": self.settings.heartbeat_interval, "broker_id": self.id,
+                    "new": new, "unknown": [i for i in running if new or i not in self._jobs],
+                    "max_payload": int(self.settings.max_payload)}
+        # A client reconnecting to a broker that restarted without its
+        # session (no journal, or it expired) is told so, and not taken on.
+        known = session in self._clients
+        if not known and info.get("resume"):
+            return {"known": False}
+        client = self._client(session)
+        # Jobs it had sent (and we confirmed) that this broker has neither
+        # queued nor finished: lost with a journal's last writes, or with
+        # a journal restored from an older copy.
+        finished = {delivery.seq for _, delivery, _ in client.results}
+        missing = [seq for seq in info.get("pending", ())
+                   if seq not in client.jobs and seq not in finished and seq not in client.withdrawn]
+        return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
+                "missing": missing, "max_payload": int(self.settings.max_payload)}
+
+    def _lease_back(self, worker: _Worker, old: _Worker | None, running: Iterable[int],
+                    finished: Iterable[int]) -> None:
+        """A worker rejoining still runs these jobs, or holds the results of
+        these ``finished`` ones, on their way: leave them with it (already
+        counted as an attempt), not queued for another, which would run them
+        again.
+
+        ``old`` is its previous registration, if this broker still had it
+        (its connections broke, the broker did not restart): the other jobs
+        that worker held, it dropped unstarted.
+        """
+        running = list(running)
+        kept = {*running, *finished}
+        if old is not None:
+            for job_id in old.held:
+                job = self._jobs.get(job_id)
+                if job is None or job.worker != worker.id:
+                    continue
+                if job_id in kept:
+                    worker.held.add(job_id)
+                else:
+                    job.attempts -= 1
+                    self._dirty.add(job_id)
+                    self._requeue(job)
+            # Withdraw requests it may never have got (sent on a dead
+            # connection) are asked again; cancels waiting on jobs just
+            # queued again look again.
+            worker.withdraw = [(i, force) for i, force in self._awaited.items() if i in worker.held]
+            self.out.wake_cancels = True
+        for job_id in kept:
+            job = self._jobs.get(job_id)
+            if job is not None and job.queued:
+                self._unqueue(job)
+                job.worker = worker.id
+                worker.held.add(job_id)
+        worker.running.update(i for i in running if i in worker.held)
+
+    def unregister(self, session: str, now: float) -> None:
+        """A worker leaves cleanly; anything it still holds goes back to the queue."""
+        worker = self._workers.get(session)
+        if worker is not None:
+            self._lose_worker(worker, False, now)
+
+    def _client(self, session: str) -> _Client:
+        client = self._clients.get(session)
+        if client is None:
+            client = self._clients[session] = _Client()
+        return client
+
+    def _lose_worker(self, worker: _Worker, died: bool, now: float) -> None:
+        """Take back every job a worker held.
+
+        If it died, each counts a death: it cannot be told whether a job had
+        started (its report may be a second old), and a job that kills its
+        worker must not be handed on forever.
+        """
+        del self._workers[worker.id]
+        self._recheck_fetchers = True
+        self.out.wake_cancels = True     # cancels waiting on its answers look again
+        for job_id in worker.held:
+            job = self._jobs.get(job_id)
+            if job is None or job.worker != worker.id:
+                continue
+            self._dirty.add(job_id)
+            if died:
+                job.deaths += 1
+                worker.lost += 1
+                if job.deaths >= max_deaths(job.options):
+                    self._finish(job, Status.LOST, {
+                        "pid": worker.pid, "host": worker.host, "exitcode": None,
+                        "signal": None, "reason": f"worker {worker.id} was lost"}, now)
+                    continue
+            else:
+                job.attempts -= 1   # never started
+            self._requeue(job)
+
+    # -- the queue --------------------------------------------------------
+
+    def _push(self, job: _Job) -> None:
+        heapq.heappush(self._queue, (-job.options.priority, job.task.id))
+        job.queued = True
+        self._queued += 1
+
+    def _unqueue(self, job: _Job) -> None:
+        """Take a job out of the queue's count; its heap entry goes stale."""
+        if job.queued:
+            job.queued = False
+            self._queued -= 1
+
+    def _requeue(self, job: _Job) -> None:
+        job.worker = None
+        self._push(job)
+
+    def backoff(self, job: _Job) -> float:
+        """Seconds before the next attempt of a job that raised or timed out:
+        exponential in its tries, with jitter, capped."""
+        tries = job.attempts - job.deaths
+        delay = job.options.retry_delay * 2 ** (tries - 1) * self._rng.uniform(0.5, 1.5)
+        return min(self.settings.retry_delay_cap, delay)
+
+    def _retry_later(self, job: _Job, worker: _Worker | None, now: float) -> None:
+        if worker is not None:
+            worker.retried += 1
+        job.worker = None
+        due = now + self.backoff(job)
+        heapq.heappush(self._delayed, (due, job.task.id))
+        self._wake_timer(due)       # it queues the job when due
+
+    def _promote_due(self, now: float) -> None:
+        """Queue the delayed jobs now due."""
+        while self._delayed and self._delayed[0][0] <= now:
+            _, job_id = heapq.heappop(self._delayed)
+            job = self._jobs.get(job_id)
+            if job is not None and job.worker is None and not job.queued:
+                self._push(job)
+
+    def _pop(self) -> _Job | None:
+        while self._queue:
+            _, job_id = heapq.heappop(self._queue)
+            job = self._jobs.get(job_id)
+            if job is not None and job.queued:
+                self._unqueue(job)
+                if job_id in self._awaited:
+                    # Queued again while a cancel waits on it: the cancel
+                    # withdraws it when it looks again; never lease it.
+                    self.out.wake_cancels = True
+                    continue
+                return job
+        return None
+
+    def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes],
+               now: float) -> None:
+        """Queue jobs. ``functions`` holds the pickled function of every digest they use."""
+        client = self._client(session)
+        closed = self.closing()
+        # A client sends a batch again when its broker went away during
+        # the call: what the broker took before that is not queued twice.
+        submissions = [sub for sub in submissions if sub.seq > client.max_seq]
+        if not submissions:
+            return
+        client.max_seq = submissions[-1].seq
+        self._backlog = max(self._backlog, len(self._jobs) + len(submissions))
+        jobs = []
+        for sub in submissions:
+            self._functions.setdefault(sub.fn, [functions[sub.fn], 0])[1] += 1
+            opts = sub.options
+            task = Task(next(self._ids), sub.fn, sub.payload, sub.chunked, opts.timeout, opts.retry_on, 0)
+            job = _Job(task, opts, session, sub.seq)
+            self._jobs[task.id] = job
+            client.jobs[sub.seq] = task.id
+            jobs.append(job)
+        self._record("submitted", session, client.max_seq, task.id + 1, [
+            (j.task.id, j.seq, j.task.fn, j.task.payload, j.task.chunked, j.options) for j in jobs],
+            {fn: self._functions[fn][0] for fn in {j.task.fn for j in jobs}})
+        for job in jobs:
+            if closed:
+                self._finish(job, Status.SHUTDOWN, b"", now)
+            else:
+                self._push(job)
+
+    def fetch(self, session: str, reply: Reply, max_jobs: int, wait: float, now: float) -> Any:
+        """Lease up to ``max_jobs`` jobs to a worker; with none queued, park the
+        call until one is, for up to ``wait`` s (returns `PARKED`).
+
+        Returns ``(tasks, functions)``, or None once the cluster is shutting down.
+        """
+        worker = self._seen(session, now)
+        if self.closing():
+            return None
+        self._promote_due(now)
+        leased = self._lease(worker, max_jobs)
+        if leased[0] or wait <= 0:
+            return leased
+        return self._park(reply, wait, now, session, worker, max_jobs)
+
+    def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
+        """Queued jobs for a worker: ``(tasks, functions)``.
+
+        No more than its share of the queue: a worker whose last jobs were
+        short asks for many, and must not take a burst of long ones alone.
+        And about `BATCH_BYTES` of arguments and functions at most.
+        """
+        max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
+        tasks: list[Task] = []
+        functions: dict[bytes, bytes] = {}
+        size = 0
+        while len(tasks) < max_jobs and size < BATCH_BYTES:
+            job = self._pop()
+            if job is None:
+                break
+            job.worker = worker.id
+            job.attempts += 1
+            self._dirty.add(job.task.id)
+            worker.held.add(job.task.id)
+            tasks.append(job.task._replace(attempt=job.attempts))
+            size += len(job.task.payload)
+            if job.task.fn not in functions:
+                functions[job.task.fn] = self._functions[job.task.fn][0]
+                size += len(functions[job.task.fn])
+        return tasks, functions
+
+    def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
+               now: float) -> None:
+        """A worker's finished jobs, and (version, ids) of the jobs its children run now.
+
+        A result reported twice (sent again after a reconnect, or from a
+        worker presumed lost) counts once: the first one wins."""
+        worker = self._workers.get(session)
+        if worker is not None:
+            worker.last_seen = now
+            if running[0] >= worker.running_version:
+                worker.running_version, worker.running = running[0], set(running[1])
+        for outcome in outcomes:
+            job = self._jobs.get(outcome.id)
+            if job is None:
+                continue    # finished already: a duplicate from a re-run
+            self._dirty.add(outcome.id)
+            holder = self._workers.get(job.worker) if job.worker else None
+            if holder is not None:
+                holder.held.discard(job.task.id)
+            self._unqueue(job)      # in case it was re-queued meanwhile
+            job.worker = None
+            if self._again(job, outcome, worker, now):
+                continue
+            if worker is not None:
+                if outcome.status is Status.OK:
+                    worker.done += 1
+                else:
+                    worker.failed += 1
+            self._finish(job, outcome.status, outcome.payload, now)
+
+    def _again(self, job: _Job, outcome: Outcome, worker: _Worker | None, now: float) -> bool:
+        """Decide whether a failed attempt is tried again; if so, arrange it."""
+        status, opts = outcome.status, job.options
+        if status is Status.LOST:
+            job.deaths += 1
+            if worker is not None:
+                worker.lost += 1
+            if outcome.retryable and job.deaths < max_deaths(opts):
+                if worker is not None:
+                    worker.retried += 1
+                self._requeue(job)
+                return True
+        elif status is Status.TIMEOUT:
+            if worker is not None:
+                worker.timed_out += 1
+            if opts.retry_timeouts and job.attempts - job.deaths <= opts.retries:
+                self._retry_later(job, worker, now)
+                return True
+        elif status is Status.ERROR:
+            if outcome.retryable and job.attempts - job.deaths <= opts.retries:
+                self._retry_later(job, worker, now)
+                return True
+        elif status is Status.CANCELLED:
+            # The broker forgets a job when its withdrawal is agreed, so one
+            # still here was not withdrawn after all: it goes back.
+            job.attempts -= 1
+            self._requeue(job)
+            return True
+        return False
+
+    def release(self, session: str, job_ids: list[int]) -> None:
+        """A stopping worker gives back jobs it fetched but never started."""
+        worker = self._workers.get(session)
+        for job_id in job_ids:
+            job = self._jobs.get(job_id)
+            if job is not None and job.worker == session:
+                if worker is not None:
+                    worker.held.discard(job_id)
+                job.attempts -= 1
+                self._dirty.add(job_id)
+                self._requeue(job)
+
+    def _seen(self, session: str, now: float) -> _Worker:
+        worker = self._workers.get(session)
+        if worker is None:
+            raise LookupError(f"worker {session} is not registered")
+        worker.last_seen = now
+        return worker
+
+    # -- results ----------------------------------------------------------
+
+    def _finish(self, job: _Job, status: Status, payload: Any, now: float) -> None:
+        """The job is over: hand its result to its client (if still there)."""
+        self._forget(job)
+        if status is Status.OK:
+            self._done += 1
+        else:
+            self._failed += 1
+        client = self._clients.get(job.client)
+        if client is None:
+            return      # its client is gone: nobody to tell
+        number, delivery = next(client.numbers), Delivery(job.seq, status, payload, job.attempts)
+        self._record("result", job.client, number, delivery)
+        client.results.append((number, delivery, now))
+        self._nudged.add(job.client)
+
+    def collect(self, session: str, reply: Reply, ack: int, wait: float, now: float, urgent: bool = False,
+                kick: str | None = None) -> Any:
+        """Drop this client's results numbered up to ``ack`` (it has them), then
+        return the next ones; with none, park the call until there are, for
+        up to ``wait`` s (returns `PARKED`).
+
+        A client has two kinds of collect: its collect thread's, and an
+        ``urgent`` one from a thread waiting on a result, answered first. A
+        ``kick`` answers parked collects of the client at once: "waiting", the
+        urgent ones (their result was settled elsewhere: taken by the collect
+        thread, or cancelled); "closing", all of them. If none is parked, it
+        answers the next such call from another connection as it comes.
+        """
+        client = self._clients.get(session) if kick else self._client(session)
+        if client is None:
+            return []       # a kick after its goodbye: nothing to get out
+        results = client.results
+        if results and results[0][0] <= ack:
+            while results and results[0][0] <= ack:
+                results.popleft()
+            self._record("acknowledged", session, ack)
+        kicked = (client.kicked is not None and client.kicked[1] is not reply
+                  and (urgent or client.kicked[0] == "closing"))
+        if kicked:
+            client.kicked = None
+        if kick:
+            targets = [p for p in client.collectors if p.urgent or kick == "closing"]
+            for parked in targets:
+                client.collectors.remove(parked)
+                self._answer(parked, self._batch(client))
+            client.kicked = None if targets else (kick, reply)
+        if results or client.woken or kicked or wait <= 0:
+            client.woken = False
+            return self._batch(client)
+        return self._park(reply, wait, now, session, urgent=urgent)
+
+    @staticmethod
+    def _batch(client: _Client) -> list[tuple[int, Delivery]]:
+        batch: list[tuple[int, Delivery]] = []
+        size = 0
+        for number, delivery, _ in client.results:
+            if len(batch) >= COLLECT_BATCH or size >= BATCH_BYTES:
+                break
+            batch.append((number, delivery))
+            payload = delivery.payload
+            size += len(payload) if isinstance(payload, bytes) else 0
+        return batch
+
+    def goodbye(self, session: str) -> None:
+        """A client leaves: its queued jobs are dropped and its results discarded."""
+        client = self._clients.get(session)
+        if client is not None:
+            for parked in client.collectors:
+                self._answer(parked, [])
+            self._drop_client(session)
+
+    def _drop_client(self, session: str) -> None:
+        client = self._clients.pop(session)
+        for job_id in list(client.jobs.values()):
+            self._withdraw(self._jobs[job_id])
+        self._record("client_gone", session)
+
+    def _withdraw(self, job: _Job) -> None:
+        """Drop a job its client no longer wants; if a worker holds it, ask it
+        to drop the job too unless it has started (the answer is not awaited)."""
+        worker = self._workers.get(job.worker) if job.worker else None
+        if worker is not None:
+            if job.task.id in worker.running:
+                return      # it finishes; _finish() finds no client
+            worker.held.discard(job.task.id)
+            worker.withdraw.append((job.task.id, False))
+            self.out.wake_control = True
+        self._unqueue(job)
+        self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        del self._jobs[job.task.id]
+        if self._awaited:
+            self.out.wake_cancels = True    # a cancel waiting on it: it is over
+        entry = self._functions[job.task.fn]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._functions[job.task.fn]
+        self._record("forgotten", job.task.id)
+        if entry[1] == 0:
+            self._record("unused", job.task.fn)
+        client = self._clients.get(job.client)
+        if client is not None:
+            client.jobs.pop(job.seq, None)
+
+    # -- cancelling ---------------------------------------------------------
+
+    def cancel(self, session: str, seqs: list[int], force: bool) -> list[bool] | PendingCancel:
+        """Withdraw this client's jobs: True for each one that will not complete.
+
+        A job not yet started is always withdrawn; a running one only with
+        ``force`` (its child is killed). A finished one cannot be. For jobs a
+        worker holds, only the worker knows whether they started: it is asked
+        (`withdrawals`), and the answer is a `PendingCancel`, which `awaiting`
+        says when to `conclude`.
+        """
+        client = self._client(session)
+        verdicts: dict[int, bool] = {}
+        asked: dict[int, int] = {}      # job id -> seq, for jobs workers hold
+        for seq in seqs:
+            job = self._jobs.get(client.jobs.get(seq, 0))
+            worker = self._workers.get(job.worker) if job is not None and job.worker else None
+            if job is None:
+                verdicts[seq] = seq in client.withdrawn
+            elif worker is None:
+                self._unqueue(job)
+                self._forget(job)
+                verdicts[seq] = True
+            elif job.task.id in worker.running and not force:
+                verdicts[seq] = False
+            elif job.task.id in self._awaited or job.task.id in asked:
+                verdicts[seq] = False   # another cancel of it is under way
+            else:
+                worker.withdraw.append((job.task.id, force))
+                asked[job.task.id] = seq
+        pending = PendingCancel(session, seqs, verdicts, asked)
+        if not asked:
+            return self.conclude(pending)
+        self.out.wake_control = True
+        self._awaited.update(dict.fromkeys(asked, force))
+        return pending
+
+    def awaiting(self, pending: PendingCancel) -> bool:
+        """Whether a cancel still waits for a worker's answer.
+
+        No cutoff: a worker acts on a request whenever it gets it, so giving up
+        early would leave the two disagreeing. A worker that stops answering
+        is lost within the heartbeat timeout, which ends the wait.
+        """
+        return any(i not in self._answers and (job := self._jobs.get(i)) is not None
+                   and job.worker in self._workers for i in pending.asked)
+
+    def conclude(self, pending: PendingCancel) -> list[bool]:
+        """The verdicts of a cancel, once the workers asked have answered (or are gone)."""
+        verdicts = pending.verdicts
+        for job_id in pending.asked:
+            self._awaited.pop(job_id, None)
+        for job_id, seq in pending.asked.items():
+            withdrawn = self._answers.pop(job_id, None)
+            job = self._jobs.get(job_id)
+            if job is not None and (withdrawn or (withdrawn is None and job.worker is None)):
+                holder = self._workers.get(job.worker) if job.worker else None
+                if holder is not None:
+                    holder.held.discard(job_id)
+                self._unqueue(job)
+                self._forget(job)
+                verdicts[seq] = True
+            else:
+                verdicts[seq] = False
+        client = self._clients.get(pending.session)
+        if client is not None:
+            client.withdrawn.update(seq for seq, withdrawn in verdicts.items() if withdrawn)
+            if any(verdicts.values()):
+                # Its collect call may be waiting for exactly these jobs.
+                client.woken = True
+                self._nudged.add(pending.session)
+        return [verdicts[seq] for seq in pending.seqs]
+
+    def worker(self, session: str) -> _Worker | None:
+        return self._workers.get(session)
+
+    def answered(self, answers: dict[int, bool]) -> None:
+        """A worker's answers to withdraw requests: job id -> withdrawn?"""
+        if answers:
+            self._answers.update((i, a) for i, a in answers.items() if i in self._awaited)
+            self.out.wake_cancels = True
+
+    def withdrawals(self, session: str, worker: _Worker | None) -> Any:
+        """What a worker's control call returns now: ``(job id, force)``
+        requests, None once the cluster shuts down, [] if ``worker`` (its
+        registration when the call came) is no longer current, or
+        `NOTHING_YET`."""
+        if self.closing():
+            return None
+        if self._workers.get(session) is not worker:
+            return []       # registered again: not on this (old) connection
+        if worker is not None and worker.withdraw:
+            requests, worker.withdraw = worker.withdraw, []
+            return requests
+        return NOTHING_YET
+
+    # -- upkeep -----------------------------------------------------------
+
+    def tick(self, now: float) -> bool:
+        """Expire silent workers and departed clients and old results, and
+        drain on shutdown. Returns True once a shutdown has fully drained and
+        the broker may exit."""
+        for worker in list(self._workers.values()):
+            if now - worker.last_seen > self.settings.heartbeat_timeout:
+                log.warning("worker %s (%s pid %d) silent for %.0f s; presumed lost",
+                            worker.id, worker.host, worker.pid, now - worker.last_seen)
+                self._lose_worker(worker, True, now)
+        ttl = now - self.settings.result_ttl
+        for session, client in list(self._clients.items()):
+            expired = []
+            while client.results and client.results[0][2] < ttl:
+                expired.append(client.results.popleft()[0])
+            if expired:
+                log.info("%d results of client %s expired uncollected", len(expired), session[:12])
+                self._record("expired", session, expired)
+            # With a journal, a client that went away keeps its jobs and
+            # results (until they expire), and its session for as long:
+            # it may be coming back after a broker restart.
+            if not self.durable:
+                gone = client.gone_since is not None and now - client.gone_since > self.settings.client_grace
+            else:
+                gone = (client.gone_since is not None and now - client.gone_since > self.settings.result_ttl
+                        and not (client.jobs or client.results))
+            if gone:
+                self._drop_client(session)
+        if not self.closing():
+            return False
+        self.out.wake_control = True     # control calls see it (parked fetches: _answer_parked)
+        if self._workers:
+            return False
+        for job in [j for j in self._jobs.values() if j.worker is None]:
+            self._unqueue(job)
+            self._finish(job, Status.SHUTDOWN, b"", now)
+        if self._jobs:
+            return False
+        if self._drain_deadline is None:
+            self._drain_deadline = now + self.settings.drain_timeout
+        waiting = [c for c in self._clients.values() if c.results and c.gone_since is None]
+        return not waiting or now > self._drain_deadline
+
+    def trim(self) -> bool:
+        """Once a backlog of `TRIM_AFTER` jobs or more has drained, drop the
+        emptied containers (a dict never shrinks) and say so: the shell then
+        gives the memory back to the system."""
+        if self._backlog < TRIM_AFTER or self._jobs:
+            return False
+        self._backlog = 0
+        # With no job left, what the heaps still hold is stale.
+        self._jobs, self._queue, self._delayed = {}, [], []
+        for client in self._clients.values():
+            client.jobs = {}
+        return True
+
+    def status(self, now: float, wall: float) -> dict:
+        """Counts for `mpqueue status`: queued = not started, running = in a
+        child now. ``wall``: time.time() at ``now``."""
+        backing_off = sum(1 for _, i in self._delayed
+                          if (job := self._jobs.get(i)) is not None and job.worker is None
+                          and not job.queued)
+        workers = [{
+            "id": w.id, "host": w.host, "address": w.address, "pid": w.pid, "procs": w.procs,
+            "running": len(w.running), "queued": len(w.held - w.running),
+            "done": w.done, "failed": w.failed, "lost": w.lost,
+            "timed_out": w.timed_out, "retried": w.retried, **w.versions,
+            "last_seen": wall - (now - w.last_seen),
+        } for w in self._workers.values()]
+        return {
+            "workers": workers,
+            "queued": self._queued + backing_off + sum(w["queued"] for w in workers),
+            "running": sum(w["running"] for w in workers),
+            "done": self._done,
+            "failed": self._failed,
+            "clients": len(self._clients),
+            "results": sum(len(c.results) for c in self._clients.values()),   # not yet collected
+            "shutting_down": self.closing(),
+        }
