@@ -41,8 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 from . import __version__
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
-from .protocol import (Delivery, Options, Status, Submission, batch_length, digest, dumps, loads, too_large,
-                       unpack_exception)
+from .protocol import (Delivery, Failure, Options, Status, Submission, batch_length, digest, dumps, loads,
+                       too_large, unpack_exception)
 from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")
@@ -665,24 +665,23 @@ def _failure(delivery: Delivery, fn: Callable) -> BaseException:
     if delivery.status is Status.ERROR:
         return unpack_exception(delivery.payload, _source_finder(fn))
     if delivery.status is Status.LOST:
-        info = delivery.payload
-        if info.get("signal"):
-            how = f"killed by {info['signal']}, "
-        elif info.get("exitcode") is not None:
-            how = f"exit code {info['exitcode']}, "
+        info: Failure = delivery.payload
+        if info.signal:
+            how = f"killed by {info.signal}, "
+        elif info.exitcode is not None:
+            how = f"exit code {info.exitcode}, "
         else:
             how = ""
         return WorkerLost(
-            f"{info['reason']} ({how}pid {info['pid']} on {info['host']}) "
-            f"after {delivery.attempts} attempt(s)",
-            pid=info["pid"], exitcode=info.get("exitcode"), signal=info.get("signal"),
-            attempts=delivery.attempts, host=info["host"])
+            f"{info.reason} ({how}pid {info.pid} on {info.host}) after {delivery.attempts} attempt(s)",
+            pid=info.pid, exitcode=info.exitcode, signal=info.signal, attempts=delivery.attempts,
+            host=info.host)
     if delivery.status is Status.TIMEOUT:
         info = delivery.payload
         return JobTimeout(
-            f"the job ran past its timeout of {info['timeout']:g} s; killed pid {info['pid']} on "
-            f"{info['host']} (attempt {delivery.attempts})",
-            timeout=info["timeout"], attempts=delivery.attempts, pid=info["pid"], host=info["host"])
+            f"the job ran past its timeout of {info.timeout:g} s; killed pid {info.pid} on "
+            f"{info.host} (attempt {delivery.attempts})",
+            timeout=info.timeout, attempts=delivery.attempts, pid=info.pid, host=info.host)
     if delivery.status is Status.SHUTDOWN:
         return ClusterShutdown("the cluster shut down before this job could run")
     return MpqueueError(f"unknown job status {delivery.status!r}")

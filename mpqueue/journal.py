@@ -35,7 +35,7 @@ import uuid
 from typing import Any, Iterable
 
 from .errors import ConfigError
-from .protocol import Delivery, Options, Status
+from .protocol import Delivery, Failure, Options, Status
 
 SCHEMA_VERSION = 1
 
@@ -114,8 +114,8 @@ class Journal:
                      attempts, deaths)
                     for i, client, seq, fn, payload, chunked, options, attempts, deaths
                     in self._db.execute("SELECT * FROM jobs ORDER BY id")]
-            results = [(client, number, Delivery(seq, Status(status), pickle.loads(payload), attempts),
-                        created)
+            results = [(client, number, Delivery(seq, Status(status), _payload(pickle.loads(payload)),
+                                                 attempts), created)
                        for client, number, seq, status, payload, attempts, created
                        in self._db.execute("SELECT * FROM results ORDER BY client, number")]
             return {
@@ -154,9 +154,12 @@ class Journal:
 
     def result(self, session: str, number: int, delivery: Delivery, created: float) -> None:
         """A finished job's result, waiting for its client."""
+        payload = delivery.payload
+        if isinstance(payload, Failure):
+            payload = payload.as_dict()     # as every version wrote it: see `_payload`
         self._db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (session, number, delivery.seq, int(delivery.status),
-                          pickle.dumps(delivery.payload, protocol=5), delivery.attempts, created))
+                          pickle.dumps(payload, protocol=5), delivery.attempts, created))
         self._db.execute("UPDATE clients SET last_number = ? WHERE session = ?", (number, session))
 
     def unused(self, fn: bytes) -> None:
@@ -177,3 +180,10 @@ class Journal:
     def commit(self) -> None:
         if self._db.in_transaction:
             self._db.commit()
+
+
+def _payload(stored: Any) -> Any:
+    """A result's payload as stored: bytes, or a `Failure` as a dict (the
+    format of every version so far, so a journal moves between versions
+    either way without a schema change)."""
+    return Failure.from_dict(stored) if isinstance(stored, dict) else stored

@@ -39,7 +39,7 @@ import psutil
 
 from .config import SETTINGS
 from .connection import BadMessage, Connection
-from .protocol import Outcome, Status, Task, dumps, loads, pack_exception, too_large
+from .protocol import Failure, Outcome, Status, Task, dumps, loads, pack_exception, too_large
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
@@ -180,10 +180,7 @@ class ProcessPool:
                     # The pipe is out of step: the child goes, failing its
                     # job. (A result over the limit fails in the child, before this.)
                     if child.batch:
-                        child.end(Outcome(child.ids()[0], Status.LOST, {
-                            "pid": child.pid, "exitcode": None, "signal": None,
-                            "host": os.uname().nodename,
-                            "reason": f"the worker could not read the job's result ({e})"}))
+                        child.end(Outcome(child.ids()[0], Status.LOST, Failure.unreadable(child.pid, e)))
                     continue
                 except (EOFError, OSError):
                     continue    # it died; its sentinel tells the rest
@@ -229,15 +226,12 @@ class ProcessPool:
                     child.process.kill()
                     child.kill_at = None    # the sentinel follows
             elif task is not None and task.timeout is not None and now >= child.started + task.timeout:
-                child.end(Outcome(task.id, Status.TIMEOUT, {
-                    "pid": child.pid, "host": os.uname().nodename, "timeout": task.timeout,
-                    "attempt": task.attempt}, True))
+                child.end(Outcome(task.id, Status.TIMEOUT,
+                                  Failure.timed_out(child.pid, task.timeout, task.attempt), True))
             elif check_memory and (rss := _rss(child)) > self.max_memory:
                 child.process.kill()
-                child.ending = Outcome(child.ids()[0], Status.LOST, {
-                    "pid": child.pid, "exitcode": -9, "signal": "SIGKILL", "host": os.uname().nodename,
-                    "reason": f"the process running the job grew to {rss >> 20} MiB, past the "
-                              f"worker's --max-memory-per-child of {self.max_memory >> 20} MiB"})
+                child.ending = Outcome(child.ids()[0], Status.LOST,
+                                       Failure.too_big(child.pid, rss, self.max_memory))
 
     def _reap(self, child: Child) -> tuple[list[Outcome], list[Item]]:
         child.process.join()
@@ -249,10 +243,8 @@ class ProcessPool:
         if not child.batch:
             return [], []
         if child.task is not None:      # it ran one job: that job is the one
-            return [child.ending or Outcome(child.task.id, Status.LOST, {
-                "pid": child.pid, "exitcode": child.process.exitcode,
-                "signal": signal_name(child.process.exitcode), "host": os.uname().nodename,
-                "reason": "the process running the job died"}, True)], []
+            return [child.ending or Outcome(child.task.id, Status.LOST,
+                                            Failure.died(child.pid, child.process.exitcode), True)], []
         # A batch: no telling which job did it. Each runs again, alone, and is
         # charged only if it does it again; a job we withdrew stays withdrawn.
         ending = child.ending if child.ending and child.ending.status is Status.CANCELLED else None
@@ -290,16 +282,6 @@ def _rss(child: Child) -> int:
         return psutil.Process(child.pid).memory_info().rss
     except psutil.NoSuchProcess:
         return 0
-
-
-def signal_name(exitcode: int | None) -> str | None:
-    """``SIGSEGV`` for an exit code of -11; None for a normal exit."""
-    if exitcode is None or exitcode >= 0:
-        return None
-    try:
-        return signal.Signals(-exitcode).name
-    except ValueError:
-        return f"signal {-exitcode}"
 
 
 # -- inside the child ---------------------------------------------------------

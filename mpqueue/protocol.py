@@ -21,6 +21,7 @@ import linecache
 import os
 import pickle
 import re
+import signal
 import socket
 import sys
 import traceback
@@ -42,9 +43,9 @@ BATCH_BYTES = 8 << 20
 class Status(enum.IntEnum):
     OK = 0         #: payload: the pickled return value
     ERROR = 1      #: payload: `pack_exception` of what the function raised
-    LOST = 2       #: payload: dict(pid, exitcode, signal, host, reason) of the process that died
+    LOST = 2       #: payload: a `Failure`: the process (or worker) that died, and why
     SHUTDOWN = 3   #: payload: empty; the cluster shut down before the job ran
-    TIMEOUT = 4    #: payload: dict(pid, host, timeout); the worker killed the attempt
+    TIMEOUT = 4    #: payload: a `Failure` naming the timeout; the worker killed the attempt
     CANCELLED = 5  #: payload: empty; withdrawn (never delivered: the client knows)
 
 
@@ -78,11 +79,80 @@ class Task(NamedTuple):
     attempt: int      # 1 for the first run
 
 
+class Failure(NamedTuple):
+    """Why an attempt failed for a reason of the system, not of the job's
+    code: the payload of `Status.LOST` and `Status.TIMEOUT`.
+
+    Each kind is built by one constructor below, and read in one place
+    (``client._failure``, which turns it into `WorkerLost` or `JobTimeout`).
+    A journal stores it as a dict (`as_dict`, `from_dict`): the format older
+    versions wrote and read.
+    """
+    pid: int | None
+    host: str
+    exitcode: int | None = None
+    signal: str | None = None       # "SIGKILL" for an exitcode of -9
+    reason: str = ""                # LOST: what happened, as a clause
+    timeout: float | None = None    # TIMEOUT: the limit it ran past
+    attempt: int | None = None      # TIMEOUT: the attempt killed
+
+    @classmethod
+    def died(cls, pid: int | None, exitcode: int | None) -> "Failure":
+        """The process running the job died on its own (or was killed by another)."""
+        return cls(pid, _host(), exitcode, signal_name(exitcode), "the process running the job died")
+
+    @classmethod
+    def unreadable(cls, pid: int | None, error: BaseException) -> "Failure":
+        """The worker could not read the job's result off the pipe: the process goes."""
+        return cls(pid, _host(), None, None, f"the worker could not read the job's result ({error})")
+
+    @classmethod
+    def too_big(cls, pid: int | None, rss: int, limit: int) -> "Failure":
+        """The worker killed the process for growing past --max-memory-per-child."""
+        return cls(pid, _host(), -9, "SIGKILL",
+                   f"the process running the job grew to {rss >> 20} MiB, past the "
+                   f"worker's --max-memory-per-child of {limit >> 20} MiB")
+
+    @classmethod
+    def timed_out(cls, pid: int | None, timeout: float, attempt: int) -> "Failure":
+        """The worker killed the attempt at its timeout."""
+        return cls(pid, _host(), timeout=timeout, attempt=attempt)
+
+    @classmethod
+    def worker_lost(cls, pid: int, host: str, worker_id: str) -> "Failure":
+        """The broker lost the worker holding the job (its connection, or its heartbeats)."""
+        return cls(pid, host, reason=f"worker {worker_id} was lost")
+
+    def as_dict(self) -> dict:
+        return self._asdict()
+
+    @classmethod
+    def from_dict(cls, info: dict) -> "Failure":
+        """One stored as a dict, by this version or an older one (which had
+        fewer keys: pid, host, exitcode, signal, reason or timeout)."""
+        return cls(info.get("pid"), info.get("host", ""), info.get("exitcode"), info.get("signal"),
+                   info.get("reason", ""), info.get("timeout"), info.get("attempt"))
+
+
+def signal_name(exitcode: int | None) -> str | None:
+    """``SIGSEGV`` for an exit code of -11; None for a normal exit."""
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return f"signal {-exitcode}"
+
+
+def _host() -> str:
+    return os.uname().nodename
+
+
 class Outcome(NamedTuple):
     """How one attempt at a task ended, as the worker reports it."""
     id: int
     status: Status
-    payload: Any      # bytes for OK and ERROR, a dict for LOST and TIMEOUT
+    payload: Any      # bytes for OK and ERROR, a Failure for LOST and TIMEOUT
     retryable: bool = False   # ERROR: it matched retry_on; LOST: another attempt may help
 
 

@@ -36,7 +36,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .config import SETTINGS, Settings
-from .protocol import BATCH_BYTES, Delivery, Options, Outcome, Status, Submission, Task
+from .protocol import BATCH_BYTES, Delivery, Failure, Options, Outcome, Status, Submission, Task
 
 log = logging.getLogger("mpqueue.broker")
 
@@ -435,9 +435,8 @@ class BrokerState:
                 job.deaths += 1
                 worker.lost += 1
                 if job.deaths >= max_deaths(job.options):
-                    self._finish(job, Status.LOST, {
-                        "pid": worker.pid, "host": worker.host, "exitcode": None,
-                        "signal": None, "reason": f"worker {worker.id} was lost"}, now)
+                    self._finish(job, Status.LOST, Failure.worker_lost(worker.pid, worker.host, worker.id),
+                                 now)
                     continue
             else:
                 job.attempts -= 1   # never started

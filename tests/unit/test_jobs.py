@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpqueue.protocol import Options, Status, Submission
+from mpqueue.protocol import Failure, Options, Status, Submission
 from mpqueue.state import PARKED, max_deaths
 
 from .harness import SETTINGS, Harness
@@ -67,7 +67,7 @@ def test_a_job_fails_with_worker_lost_after_max_3_or_retries_plus_1_deaths(h, re
         h.settle()
     ((number, delivery),) = h.collect()
     assert delivery.seq == seq and delivery.status is Status.LOST and delivery.attempts == deaths
-    assert delivery.payload["reason"] == f"worker w{deaths - 1} was lost"
+    assert delivery.payload == Failure(7, "h", reason=f"worker w{deaths - 1} was lost")
 
 
 def test_a_child_death_counts_and_requeues_at_once_until_the_limit(h):
@@ -76,8 +76,7 @@ def test_a_child_death_counts_and_requeues_at_once_until_the_limit(h):
     for attempt in (1, 2, 3):
         (task,) = h.fetch()
         assert task.attempt == attempt
-        h.report(task.id, Status.LOST, {"pid": 1, "host": "h", "exitcode": -9, "signal": "SIGKILL",
-                                        "reason": "the process running the job died"}, retryable=True)
+        h.report(task.id, Status.LOST, Failure.died(1, -9), retryable=True)
     assert h.fetch() == []
     ((_, delivery),) = h.collect()
     assert delivery.status is Status.LOST and delivery.attempts == 3
@@ -141,7 +140,7 @@ def test_deaths_do_not_count_against_retries(h):
     h.worker()
     h.submit(Options(retries=1))
     (task,) = h.fetch()
-    h.report(task.id, Status.LOST, {}, retryable=True)
+    h.report(task.id, Status.LOST, Failure.died(1, 1), retryable=True)
     (task,) = h.fetch()
     h.report(task.id, Status.ERROR, b"exc", retryable=True)       # its one retry
     h.state.expire(h.effects.timer_at)
@@ -157,8 +156,8 @@ def test_a_timeout_is_retried_only_if_retry_timeouts(h):
     h.worker()
     h.submit(Options(retries=1, retry_timeouts=False), Options(retries=1))
     first, second = h.fetch()
-    h.report(first.id, Status.TIMEOUT, {"pid": 1, "host": "h", "timeout": 1.0})
-    h.report(second.id, Status.TIMEOUT, {"pid": 1, "host": "h", "timeout": 1.0})
+    h.report(first.id, Status.TIMEOUT, Failure.timed_out(1, 1.0, 1))
+    h.report(second.id, Status.TIMEOUT, Failure.timed_out(1, 1.0, 1))
     assert [d.seq for _, d in h.collect()] == [1]
     assert h.effects.timer_at is None and h.state.next_deadline() is not None
 
