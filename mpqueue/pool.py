@@ -21,6 +21,8 @@ Children are started with the *forkserver* method, explicitly: they are forked
 from a small single-threaded server process rather than from the worker, which
 runs threads (forking a threaded process can copy a lock held by another
 thread), and each starts in milliseconds, without re-importing.
+
+Who owns what, in the worker and its children: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ cloudpickle by the client and the child, and travels as opaque ``bytes``
 through the broker and the worker, which never unpickle it: a bad payload
 cannot crash them, and user code need not be importable there. The message
 tuples themselves hold only plain types and are pickled by the transport.
+The hops each message makes, thread by thread: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ Four departures from a plain ``BaseManager``, and why:
   on its host use instead of TCP (see `handshake`).
 
 The server runs in the broker's own process (no ``BaseManager.start()``), so
-nothing it serves needs to be picklable under spawn or forkserver.
+nothing it serves needs to be picklable under spawn or forkserver. Every
+override of the manager's internals is in this module; the broker sees a
+connection only as the `Caller` its calls are handed. The broker's threads:
+docs/internals.md.
 """
 
 from __future__ import annotations

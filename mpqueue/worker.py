@@ -21,6 +21,9 @@ stop: no more fetching, running jobs finish and their results are delivered.
 A second one is a cold stop: running jobs are killed. Either way the worker
 then unregisters, and the broker re-queues whatever it still held: nothing
 is lost.
+
+The threads of every process, and the path of a job through them:
+docs/internals.md.
 """
 
 from __future__ import annotations
