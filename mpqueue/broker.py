@@ -38,7 +38,7 @@ from .connection import MAX_MESSAGE
 from .errors import ConfigError
 from .journal import Journal
 from .protocol import BATCH_BYTES, Delivery, Outcome, Submission
-from .state import NOTHING_YET, PARKED, BrokerState, Effects, PendingCancel
+from .state import NO_EFFECTS, NOTHING_YET, PARKED, BrokerState, Effects, PendingCancel
 from .transport import DEFERRED, BrokerServer, Caller
 
 log = logging.getLogger("mpqueue.broker")
@@ -98,7 +98,8 @@ class Broker:
                     yield self._state
                 finally:
                     effects = self._state.settle()
-                    self._wake(effects)
+                    if effects is not NO_EFFECTS:
+                        self._wake(effects)
                     if self._journal is not None:
                         self._write(effects)
         finally:

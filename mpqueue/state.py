@@ -75,6 +75,10 @@ class Effects:
     timer_at: float | None = None   # a new deadline: the timer thread must act by then
 
 
+#: What `settle` hands over when a call requires nothing more (never filled).
+NO_EFFECTS = Effects()
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class _Job:
     task: Task
@@ -223,13 +227,18 @@ class BrokerState:
     def settle(self) -> Effects:
         """End a call: answer the parked calls it made answerable, and hand
         over everything the shell must do."""
-        self._answer_parked()
+        if self._fetchers or self._nudged:
+            self._answer_parked()
         if self._dirty:
             if self.durable:
                 self.out.journal.append(("attempts", ([(job.attempts, job.deaths, i) for i in self._dirty
                                                        if (job := self._jobs.get(i)) is not None],)))
             self._dirty.clear()
-        effects, self.out = self.out, Effects()
+        effects = self.out
+        if not (effects.answers or effects.journal or effects.wake_control or effects.wake_cancels
+                or effects.timer_at is not None):
+            return NO_EFFECTS   # most calls: spares an allocation
+        self.out = Effects()
         return effects
 
     # -- parked calls -------------------------------------------------------
