@@ -45,6 +45,8 @@ import pytest
 
 from helpers import kill_tree, read_line, wait_for_status
 
+pytestmark = pytest.mark.netns      # every test here runs in network namespaces (`net`)
+
 SUBNET = "10.231.0"
 ADDRESSES = {"br": f"{SUBNET}.1", "a": f"{SUBNET}.2", "b": f"{SUBNET}.3", "c": f"{SUBNET}.4"}
 HEARTBEAT_TIMEOUT = 3.0
