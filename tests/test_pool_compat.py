@@ -11,6 +11,7 @@ and the test says what we do instead.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import gc
 import itertools
 import multiprocessing
@@ -496,3 +497,69 @@ def test_chunksize_is_honoured_and_chosen_when_absent(cluster):
         assert list(p.imap(identity, range(20_000))) == list(range(20_000))
         jobs = cluster.status()["done"] - 10 - jobs
         assert jobs <= 50, jobs
+
+
+def test_apply_async_calls_back_once_each_in_a_thread_of_the_pool(cluster):
+    """A burst of apply_async calls (which the feeder sends in batches): each
+    gets its own result or exception, its callback or error_callback runs
+    once, in a thread of the pool's, and every thread waiting on a result
+    wakes when it is set."""
+    cluster.start_worker(2)
+    with Pool(address=cluster.address) as p:   # no bound: the burst goes out at once
+        seen = []
+
+        def record(value_or_error):
+            seen.append((value_or_error, threading.get_ident()))
+
+        results = [p.apply_async(sqr, (i,), callback=record, error_callback=record) if i % 10 else
+                   p.apply_async(raising, callback=record, error_callback=record)
+                   for i in range(2000)]
+        for i, result in enumerate(results):
+            if i % 10:
+                assert result.get(30) == i * i
+            else:
+                with pytest.raises(KeyError):
+                    result.get(30)
+        assert sorted(v for v, _ in seen if not isinstance(v, KeyError)) == [
+            i * i for i in range(2000) if i % 10]
+        assert sum(isinstance(v, KeyError) for v, _ in seen) == 200
+        assert threading.get_ident() not in {thread for _, thread in seen}
+
+        slow = p.apply_async(sqr, (3, 0.5))
+        for timeout in (0, -1, 0.01):
+            slow.wait(timeout)
+            assert not slow.ready()
+        values = []
+        waiters = [threading.Thread(target=lambda: values.append(slow.get(30))) for _ in range(4)]
+        for waiter in waiters:
+            waiter.start()
+        for waiter in waiters:
+            waiter.join(30)
+        assert values == [9] * 4 and slow.ready() and slow.successful()
+
+
+def test_terminate_calls_back_once_for_each_call(cluster):
+    """terminate() amid a burst: each result gets one callback or one
+    error_callback. (An apply_async whose job was out, but whose input the
+    feeder had not yet found ended, used to get a CancelledError from the
+    terminate, and then another as its job was withdrawn.)"""
+    cluster.start_worker(2)
+    for _ in range(5):
+        p = Pool(2, address=cluster.address)
+        calls: list = []
+
+        def record(i, value_or_error, calls=calls):
+            calls.append((i, value_or_error))
+
+        results = [p.apply_async(sqr, (i, 0.01), callback=functools.partial(record, i),
+                                 error_callback=functools.partial(record, i)) for i in range(200)]
+        time.sleep(0.2)
+        p.terminate()
+        p.join()
+        for result in results:      # a job that finished as it was withdrawn may still be coming
+            result.wait(10)
+        time.sleep(0.2)             # time for a second callback, were there one
+        assert all(result.ready() for result in results)
+        assert sorted(i for i, _ in calls) == list(range(200))
+        for i, value_or_error in calls:
+            assert value_or_error == i * i or isinstance(value_or_error, concurrent.futures.CancelledError)
