@@ -6,6 +6,7 @@ Run from the repository root::
     python benchmarks/bench.py --quick    # smaller and faster, for a smoke check
     python benchmarks/bench.py --json     # also dump every raw figure as JSON (stdout)
     python benchmarks/bench.py --json out.json   # ... or into a file
+    python benchmarks/bench.py --only apply_cb,starmap   # only these workloads (--help lists them)
 
 Progress goes to stderr; the table (and JSON, if asked for) to stdout. The exit
 status is 1 if anything went wrong, including problems found in mpqueue (a
@@ -42,6 +43,23 @@ W3          32 jobs of ~100 ms pure-Python CPU work (the loop is calibrated once
             (2 cores x wall time). 100% means both cores did nothing but jobs.
 W4          100 jobs each taking a 1 MiB ``bytes`` argument and returning its
             length: MB/s (10^6 bytes) of arguments moved.
+
+The drop-in ``mpqueue.Pool`` against ``multiprocessing.Pool(2)``:
+
+pool start  ``mpqueue.Pool(2)`` on a private local cluster (no address), then
+            ``apply(abs, (-1,))``: time to that result, and total including
+            ``close()``/``join()`` (which stop the cluster). Pool: the same calls
+            on ``multiprocessing.Pool(2)``. Run with the cold starts.
+apply cb    3,000 ``apply_async(pow, (i, 2), callback=..., error_callback=...)``
+            calls, then every result waited for: jobs/s, first call to last
+            result (a result is ready after its callback ran).
+starmap     ``starmap(pow, [(i, 2) for i in range(200_000)], chunksize=1000)``:
+            items/s.
+
+In ``apply cb`` and ``starmap``, the ``mpqueue.Pool`` is on the cluster above,
+made with no ``processes`` (no bound on the jobs it has out, like the private
+cluster of ``mpqueue.Pool(2)``; ``processes=2`` would allow it only two jobs on
+the cluster at once, a round trip each, which measures that bound instead).
 
 The ratio column is mpqueue / Pool; the "better" column says which direction
 is good for that metric (for jobs/s, MB/s and efficiency a ratio below 1 means
@@ -86,9 +104,11 @@ MPQUEUE = [sys.executable, "-m", "mpqueue"]     # the `mpqueue` command, same in
 PROCS = 2
 
 FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w1_map_items=1_000_000, w2_trips=300, w3_jobs=32, w3_ms=100.0,
-            w4_jobs=100, w4_bytes=1 << 20)
+            w4_jobs=100, w4_bytes=1 << 20,
+            apply_cb_calls=3_000, starmap_items=200_000, starmap_chunksize=1000)
 QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w1_map_items=100_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
-             w4_jobs=20, w4_bytes=1 << 20)
+             w4_jobs=20, w4_bytes=1 << 20,
+             apply_cb_calls=1_000, starmap_items=50_000, starmap_chunksize=1000)
 
 #: Set when a call had to be abandoned (it still runs in a daemon thread): the
 #: interpreter's exit would then wait for it (Client registers an atexit shutdown).
@@ -368,6 +388,7 @@ class MpqueueRunner:
         self.client = client
         self.cluster = cluster
         self.address, self.authkey = cluster.address, cluster.authkey
+        self._pool: mpqueue.Pool | None = None
 
     def processes(self) -> list[int]:
         """This process (the client), the broker, the worker and its children."""
@@ -397,6 +418,21 @@ class MpqueueRunner:
     def round_trip(self, fn, *args):
         return self.client.submit(fn, *args).result(timeout=30)
 
+    @property
+    def pool(self) -> mpqueue.Pool:
+        """One ``mpqueue.Pool`` on the cluster, made on first use (see the module's docstring)."""
+        if self._pool is None:
+            self._pool = mpqueue.Pool(address=self.address, authkey=self.authkey)
+        return self._pool
+
+    def close(self, terminate: bool = False) -> None:
+        if self._pool is not None:
+            if terminate:
+                self._pool.terminate()
+            else:
+                self._pool.close()
+            self._pool.join()
+
 
 class PoolRunner:
     name = "Pool"
@@ -406,6 +442,9 @@ class PoolRunner:
 
     def processes(self) -> list[int]:
         return [os.getpid(), *(p.pid for p in self.pool._pool)]
+
+    def close(self, terminate: bool = False) -> None:
+        pass    # main() closes the Pool
 
     def many(self, fn, args_list, timeout=WORKLOAD_TIMEOUT):
         apply = self.pool.apply_async
@@ -474,8 +513,43 @@ def w4_bandwidth(runner, p) -> dict:
     return {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
 
 
+def apply_callbacks(runner, p) -> dict:
+    """``apply_async`` with a callback and an error callback, one call per item."""
+    n = p["apply_cb_calls"]
+    done: list = []
+    failed: list = []
+    apply = runner.pool.apply_async
+    start = time.perf_counter()
+    pending = [apply(pow, (i, 2), callback=done.append, error_callback=failed.append) for i in range(n)]
+    deadline = start + WORKLOAD_TIMEOUT
+    for result in pending:
+        result.wait(max(0.0, deadline - time.perf_counter()))
+    wall = time.perf_counter() - start
+    if failed or not all(r.ready() for r in pending):
+        raise BenchError(f"{runner.name} apply cb: {len(failed)} failed, "
+                         f"{sum(not r.ready() for r in pending)} unfinished")
+    if [r.get(0) for r in pending] != [i * i for i in range(n)] or sorted(done) != [i * i for i in range(n)]:
+        raise BenchError(f"{runner.name} apply cb: wrong results or callbacks")
+    return {"calls": n, "wall_s": wall, "jobs_per_s": n / wall}
+
+
+def starmap_chunks(runner, p) -> dict:
+    n = p["starmap_items"]
+    items = [(i, 2) for i in range(n)]
+    pool = runner.pool
+    start = time.perf_counter()
+    results = pool.starmap(pow, items, chunksize=p["starmap_chunksize"])
+    wall = time.perf_counter() - start
+    if results != [i * i for i in range(n)]:
+        raise BenchError(f"{runner.name} starmap: wrong results")
+    return {"items": n, "wall_s": wall, "items_per_s": n / wall}
+
+
+#: (key for --only and the JSON, function): each runs on both systems, alternating.
 WORKLOADS = [("W1", w1_throughput), ("W1map", w1_map), ("W2", w2_latency), ("W3", w3_efficiency),
-             ("W4", w4_bandwidth)]
+             ("W4", w4_bandwidth), ("apply_cb", apply_callbacks), ("starmap", starmap_chunks)]
+#: Run first, while this process has no threads (Pool forks): the keys of the start-ups.
+COLD_WORKLOADS = ["cold", "pool_start"]
 
 
 def cold_mpqueue(problems: list[str]) -> dict:
@@ -500,17 +574,64 @@ def cold_mpqueue(problems: list[str]) -> dict:
     total = time.perf_counter() - t0
     if value != 1:
         raise BenchError("cold start: abs(-1) != 1")
+    exits = local_cluster_exits(processes, "cold start", "Client.shutdown()", problems)
+    return {"first_result_s": first, "total_s": total, "exit_codes": exits}
+
+
+def local_cluster_exits(processes: list[subprocess.Popen], what: str, after: str,
+                        problems: list[str]) -> dict:
+    """The exit codes of a LocalCluster's broker and worker (a private attribute),
+    which should have exited, with 0, by the time ``after`` returned."""
     exits = {}
-    for p in processes:     # the LocalCluster's broker and worker (a private attribute)
+    for p in processes:
         role = next((a for a in p.args if a in ("broker", "worker")), str(p.pid))
         exits[role] = p.poll()
         if p.returncode is None:
-            problems.append(f"cold start: local cluster {role} (pid {p.pid}) still running after "
-                            "Client.shutdown() returned")
+            problems.append(f"{what}: local cluster {role} (pid {p.pid}) still running after "
+                            f"{after} returned")
         elif p.returncode != 0:
             how = f" ({signal.Signals(-p.returncode).name})" if p.returncode < 0 else ""
-            problems.append(f"cold start: local cluster {role} exited with {p.returncode}{how}")
+            problems.append(f"{what}: local cluster {role} exited with {p.returncode}{how}")
+    return exits
+
+
+def pool_start_mpqueue(problems: list[str]) -> dict:
+    """``mpqueue.Pool(2)`` on a private local cluster, one ``apply``, ``close()``/``join()``."""
+    t0 = time.perf_counter()
+    pool = mpqueue.Pool(PROCS)
+    try:
+        value = run_with_timeout(lambda: pool.apply(abs, (-1,)), 60, "mpqueue.Pool(2).apply()")
+        first = time.perf_counter() - t0
+        processes = list(getattr(pool._dispatcher.cluster, "processes", []))
+        pool.close()
+        run_with_timeout(pool.join, 60, "mpqueue.Pool(2).join()")
+    except BaseException:
+        pool.terminate()
+        run_with_timeout(pool.join, 60, "mpqueue.Pool(2).join() after terminate()")
+        raise
+    total = time.perf_counter() - t0
+    if value != 1:
+        raise BenchError("pool start: abs(-1) != 1")
+    exits = local_cluster_exits(processes, "pool start", "mpqueue.Pool.join()", problems)
     return {"first_result_s": first, "total_s": total, "exit_codes": exits}
+
+
+def pool_start_pool() -> dict:
+    t0 = time.perf_counter()
+    pool = multiprocessing.Pool(PROCS)
+    try:
+        value = pool.apply(abs, (-1,))
+        first = time.perf_counter() - t0
+        pool.close()
+        pool.join()
+    except BaseException:
+        pool.terminate()
+        pool.join()
+        raise
+    total = time.perf_counter() - t0
+    if value != 1:
+        raise BenchError("pool start: abs(-1) != 1")
+    return {"first_result_s": first, "total_s": total}
 
 
 def cold_pool() -> dict:
@@ -534,32 +655,54 @@ def cold_pool() -> dict:
 # -- the table ----------------------------------------------------------------------------
 
 def build_rows(raw: dict) -> list[tuple]:
+    """The table's rows, for the workloads that ran."""
     def med(system, workload, key):
         return median([r[key] for r in raw[system][workload]])
 
+    def ran(workload):
+        return bool(raw["mpqueue"].get(workload))
+
     rows = []
-    for key, label in (("first_result_s", "time to first result (ms)"),
-                       ("total_s", "total incl. shutdown (ms)")):
-        rows.append(("cold start", label, med("mpqueue", "cold", key) * 1000,
-                     med("Pool", "cold", key) * 1000, "lower", "{:,.0f}"))
-    rows.append((f"W1 {raw['params']['w1_jobs']:,} no-op", "throughput (jobs/s)",
-                 med("mpqueue", "W1", "jobs_per_s"), med("Pool", "W1", "jobs_per_s"), "higher", "{:,.0f}"))
-    rows.append((f"W1 map {raw['params']['w1_map_items']:,} no-op", "Pool.map, auto chunks (items/s)",
-                 med("mpqueue", "W1map", "items_per_s"), med("Pool", "W1map", "items_per_s"), "higher",
-                 "{:,.0f}"))
-    trips = raw["params"]["w2_trips"]
-    rows.append((f"W2 {trips} round trips", "median latency (ms)", med("mpqueue", "W2", "median_ms"),
-                 med("Pool", "W2", "median_ms"), "lower", "{:.3f}"))
-    rows.append((f"W2 {trips} round trips", "p99 latency (ms)", med("mpqueue", "W2", "p99_ms"),
-                 med("Pool", "W2", "p99_ms"), "lower", "{:.3f}"))
-    if raw["mpqueue"]["W2"][0]["switches_per_trip"] is not None:
-        rows.append((f"W2 {trips} round trips", "wakeups per round trip", med("mpqueue", "W2", "switches_per_trip"),
-                     med("Pool", "W2", "switches_per_trip"), "lower", "{:.1f}"))
-    rows.append((f"W3 {raw['params']['w3_jobs']} x {raw['params']['w3_ms']:.0f} ms CPU",
-                 "parallel efficiency (%)", med("mpqueue", "W3", "efficiency") * 100,
-                 med("Pool", "W3", "efficiency") * 100, "higher", "{:.1f}"))
-    rows.append((f"W4 {raw['params']['w4_jobs']} x 1 MiB args", "argument bandwidth (MB/s)",
-                 med("mpqueue", "W4", "mb_per_s"), med("Pool", "W4", "mb_per_s"), "higher", "{:,.1f}"))
+    params = raw["params"]
+    for workload, title in (("cold", "cold start"), ("pool_start", "Pool start + one apply")):
+        if ran(workload):
+            for key, label in (("first_result_s", "time to first result (ms)"),
+                               ("total_s", "total incl. shutdown (ms)")):
+                rows.append((title, label, med("mpqueue", workload, key) * 1000,
+                             med("Pool", workload, key) * 1000, "lower", "{:,.0f}"))
+    if ran("W1"):
+        rows.append((f"W1 {params['w1_jobs']:,} no-op", "throughput (jobs/s)",
+                     med("mpqueue", "W1", "jobs_per_s"), med("Pool", "W1", "jobs_per_s"), "higher",
+                     "{:,.0f}"))
+    if ran("W1map"):
+        rows.append((f"W1 map {params['w1_map_items']:,} no-op", "Pool.map, auto chunks (items/s)",
+                     med("mpqueue", "W1map", "items_per_s"), med("Pool", "W1map", "items_per_s"), "higher",
+                     "{:,.0f}"))
+    if ran("W2"):
+        trips = params["w2_trips"]
+        rows.append((f"W2 {trips} round trips", "median latency (ms)", med("mpqueue", "W2", "median_ms"),
+                     med("Pool", "W2", "median_ms"), "lower", "{:.3f}"))
+        rows.append((f"W2 {trips} round trips", "p99 latency (ms)", med("mpqueue", "W2", "p99_ms"),
+                     med("Pool", "W2", "p99_ms"), "lower", "{:.3f}"))
+        if raw["mpqueue"]["W2"][0]["switches_per_trip"] is not None:
+            rows.append((f"W2 {trips} round trips", "wakeups per round trip",
+                         med("mpqueue", "W2", "switches_per_trip"), med("Pool", "W2", "switches_per_trip"),
+                         "lower", "{:.1f}"))
+    if ran("W3"):
+        rows.append((f"W3 {params['w3_jobs']} x {params['w3_ms']:.0f} ms CPU",
+                     "parallel efficiency (%)", med("mpqueue", "W3", "efficiency") * 100,
+                     med("Pool", "W3", "efficiency") * 100, "higher", "{:.1f}"))
+    if ran("W4"):
+        rows.append((f"W4 {params['w4_jobs']} x 1 MiB args", "argument bandwidth (MB/s)",
+                     med("mpqueue", "W4", "mb_per_s"), med("Pool", "W4", "mb_per_s"), "higher", "{:,.1f}"))
+    if ran("apply_cb"):
+        rows.append((f"apply_async {params['apply_cb_calls']:,} with callbacks", "throughput (jobs/s)",
+                     med("mpqueue", "apply_cb", "jobs_per_s"), med("Pool", "apply_cb", "jobs_per_s"),
+                     "higher", "{:,.0f}"))
+    if ran("starmap"):
+        rows.append((f"starmap {params['starmap_items']:,} pow, chunksize={params['starmap_chunksize']}",
+                     "throughput (items/s)", med("mpqueue", "starmap", "items_per_s"),
+                     med("Pool", "starmap", "items_per_s"), "higher", "{:,.0f}"))
     return rows
 
 
@@ -601,7 +744,14 @@ def main() -> int:
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="also dump the raw figures as JSON, to FILE or (no FILE) stdout")
     parser.add_argument("--reps", type=int, help="repetitions of each workload (default 3, quick 1)")
+    names = COLD_WORKLOADS + [name for name, _ in WORKLOADS]
+    parser.add_argument("--only", metavar="NAMES", type=lambda text: text.split(","),
+                        help=f"run only these workloads, comma-separated, of: {', '.join(names)}")
     args = parser.parse_args()
+    selected = set(args.only or names)
+    if selected - set(names):
+        parser.error(f"unknown workload(s) {', '.join(sorted(selected - set(names)))}; "
+                     f"choose from {', '.join(names)}")
     p = dict(QUICK if args.quick else FULL)
     if args.reps:
         p["reps"] = p["cold_reps"] = args.reps
@@ -631,54 +781,63 @@ def main() -> int:
 
     log(f"mode {'quick' if args.quick else 'full'}: {p['reps']} repetition(s); {cores} cores, "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    p["burn_n"], per_job = calibrate(p["w3_ms"])
-    log(f"calibrated W3 job: burn({p['burn_n']:,}) = {per_job:.1f} ms CPU in this process")
-    raw["calibration"] = {"burn_n": p["burn_n"], "burn_ms": per_job}
+    if "W3" in selected:
+        p["burn_n"], per_job = calibrate(p["w3_ms"])
+        log(f"calibrated W3 job: burn({p['burn_n']:,}) = {per_job:.1f} ms CPU in this process")
+        raw["calibration"] = {"burn_n": p["burn_n"], "burn_ms": per_job}
 
     pool = cluster = client = None
+    runners: list = []
     logdir = tempfile.mkdtemp(prefix="mpqueue-bench-")
     failed = False
     try:
         # Cold starts first, while this process has no threads, so Pool's fork is clean.
-        for key in ("mpqueue", "Pool"):
-            raw[key]["cold"] = []
-        for rep in range(p["cold_reps"]):
-            order = [("mpqueue", lambda: cold_mpqueue(problems)), ("Pool", cold_pool)]
-            for system, fn in (order if rep % 2 == 0 else order[::-1]):
-                result = fn()
-                raw[system]["cold"].append(result)
-                log(f"cold start {system}: first result {result['first_result_s'] * 1000:.0f} ms, "
-                    f"total {result['total_s'] * 1000:.0f} ms")
-        if threading.active_count() > 1:
-            problems.append(f"threads still alive after the cold starts: "
-                            f"{[t.name for t in threading.enumerate()]}")
+        starts = {"cold": (lambda: cold_mpqueue(problems), cold_pool),
+                  "pool_start": (lambda: pool_start_mpqueue(problems), pool_start_pool)}
+        for name in COLD_WORKLOADS:
+            if name not in selected:
+                continue
+            for key in ("mpqueue", "Pool"):
+                raw[key][name] = []
+            for rep in range(p["cold_reps"]):
+                order = list(zip(("mpqueue", "Pool"), starts[name], strict=True))
+                for system, fn in (order if rep % 2 == 0 else order[::-1]):
+                    result = fn()
+                    raw[system][name].append(result)
+                    log(f"{name} {system}: first result {result['first_result_s'] * 1000:.0f} ms, "
+                        f"total {result['total_s'] * 1000:.0f} ms")
+            if threading.active_count() > 1:
+                problems.append(f"threads still alive after {name}: "
+                                f"{[t.name for t in threading.enumerate()]}")
+        if selected - set(COLD_WORKLOADS):
+            # The Pool is created before the Client starts its threads (Pool forks).
+            pool = multiprocessing.Pool(PROCS)
+            pool.map(warmup_job, [0.05] * (2 * PROCS))
+            cluster = Cluster(logdir)
+            cluster.start()
+            info = cluster.wait_for_worker()
+            log("worker registered: " + ", ".join(f"{w['id']} pid {w['pid']} procs {w['procs']}"
+                                                  for w in info["workers"]))
+            client = mpqueue.Client(cluster.address, authkey=cluster.authkey)
+            pids = set(run_with_timeout(
+                lambda: [f.result(60) for f in [client.submit(warmup_job, 0.2) for _ in range(2 * PROCS)]],
+                90, "mpqueue warm-up"))
+            log(f"warm-up done on mpqueue children {sorted(pids)}")
 
-        # The Pool is created before the Client starts its threads (Pool forks).
-        pool = multiprocessing.Pool(PROCS)
-        pool.map(warmup_job, [0.05] * (2 * PROCS))
-        cluster = Cluster(logdir)
-        cluster.start()
-        info = cluster.wait_for_worker()
-        log("worker registered: " + ", ".join(f"{w['id']} pid {w['pid']} procs {w['procs']}"
-                                              for w in info["workers"]))
-        client = mpqueue.Client(cluster.address, authkey=cluster.authkey)
-        pids = set(run_with_timeout(
-            lambda: [f.result(60) for f in [client.submit(warmup_job, 0.2) for _ in range(2 * PROCS)]],
-            90, "mpqueue warm-up"))
-        log(f"warm-up done on mpqueue children {sorted(pids)}")
-
-        p["blob"] = os.urandom(p["w4_bytes"])
-        runners = [MpqueueRunner(client, cluster), PoolRunner(pool)]
-        for name, fn in WORKLOADS:
-            for r in runners:
-                raw[r.name][name] = []
-            for rep in range(p["reps"]):
-                for r in (runners if rep % 2 == 0 else runners[::-1]):
-                    result = fn(r, p)
-                    raw[r.name][name].append(result)
-                    shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
-                             if not isinstance(v, list)}
-                    log(f"{name} rep {rep + 1} {r.name}: {shown}")
+            p["blob"] = os.urandom(p["w4_bytes"])
+            runners = [MpqueueRunner(client, cluster), PoolRunner(pool)]
+            for name, fn in WORKLOADS:
+                if name not in selected:
+                    continue
+                for r in runners:
+                    raw[r.name][name] = []
+                for rep in range(p["reps"]):
+                    for r in (runners if rep % 2 == 0 else runners[::-1]):
+                        result = fn(r, p)
+                        raw[r.name][name].append(result)
+                        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
+                                 if not isinstance(v, list)}
+                        log(f"{name} rep {rep + 1} {r.name}: {shown}")
     except KeyboardInterrupt:
         failed = True
         log("interrupted: cleaning up")
@@ -689,6 +848,11 @@ def main() -> int:
             for name in ("broker", "worker"):
                 print(cluster.tail(name), file=sys.stderr)
     finally:
+        for r in runners:
+            try:
+                run_with_timeout(lambda r=r: r.close(terminate=failed), 60, f"closing the {r.name} runner")
+            except BaseException as e:      # noqa: BLE001 - keep cleaning up
+                problems.append(f"{r.name} runner close: {type(e).__name__}: {e}")
         if client is not None:
             try:
                 run_with_timeout(lambda: client.shutdown(wait=True, cancel_futures=failed), 60,
@@ -733,9 +897,10 @@ def main() -> int:
     print("ratio = mpqueue / Pool; 'better' = the direction that is good for the metric "
           "(lower: ratio > 1 means mpqueue is slower; higher: ratio < 1 means it is).")
     la, lb = raw["machine"]["loadavg_start"], raw["machine"]["loadavg_end"]
-    on = {s: median([r["job_cpu_ms_median"] for r in raw[s]["W3"]]) for s in ("mpqueue", "Pool")}
-    print(f"W3 job: burn({p['burn_n']:,}) = {per_job:.0f} ms CPU when calibrated alone; median per job "
-          f"during W3: {on['mpqueue']:.0f} ms (mpqueue), {on['Pool']:.0f} ms (Pool).")
+    if raw["mpqueue"].get("W3"):
+        on = {s: median([r["job_cpu_ms_median"] for r in raw[s]["W3"]]) for s in ("mpqueue", "Pool")}
+        print(f"W3 job: burn({p['burn_n']:,}) = {per_job:.0f} ms CPU when calibrated alone; median per job "
+              f"during W3: {on['mpqueue']:.0f} ms (mpqueue), {on['Pool']:.0f} ms (Pool).")
     print(f"Load average {la[0]:.2f} -> {lb[0]:.2f}; "
           f"{raw['elapsed_s']:.0f} s in all" + (f"; {len(problems)} problem(s), see stderr" if problems else ""))
     if args.json:
