@@ -24,12 +24,21 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cloudpickle  # noqa: E402
-
 import bench  # noqa: E402
+import cloudpickle  # noqa: E402
+from bench import (  # noqa: E402
+    FULL,
+    WORKLOADS,
+    Cluster,
+    MpqueueRunner,
+    format_table,
+    log,
+    median,
+    run_with_timeout,
+    warmup_job,
+)
+
 import mpqueue  # noqa: E402
-from bench import (FULL, WORKLOADS, Cluster, MpqueueRunner, format_table, log, median,  # noqa: E402
-                   run_with_timeout, warmup_job)
 
 cloudpickle.register_pickle_by_value(bench)     # its job functions, for the workers
 

@@ -11,9 +11,18 @@ one machine or a handful of machines, with nothing but ``pip install``.
 
 __version__ = "0.1.0"
 
-from .errors import (AuthenticationError, BrokerUnavailable, ClusterShutdown, ConfigError,
-                     JobTimeout, MpqueueError, PayloadTooLarge, RemoteError, VersionMismatch,
-                     WorkerLost)
+from .errors import (
+    AuthenticationError,
+    BrokerUnavailable,
+    ClusterShutdown,
+    ConfigError,
+    JobTimeout,
+    MpqueueError,
+    PayloadTooLarge,
+    RemoteError,
+    VersionMismatch,
+    WorkerLost,
+)
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
            "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",

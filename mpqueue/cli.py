@@ -16,8 +16,18 @@ import time
 import click
 
 from . import __version__
-from .config import (DEFAULT_HOST, DEFAULT_PORT, SETTINGS, TLS_VARIABLES, authkey_path, format_address,
-                     is_loopback, parse_address, resolve_authkey, resolve_tls)
+from .config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    SETTINGS,
+    TLS_VARIABLES,
+    authkey_path,
+    format_address,
+    is_loopback,
+    parse_address,
+    resolve_authkey,
+    resolve_tls,
+)
 from .errors import ConfigError, MpqueueError
 
 ADDRESS_HELP = "HOST:PORT of the broker [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]"

@@ -41,8 +41,19 @@ from typing import Any, Callable, Iterable, Iterator
 from . import __version__
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
-from .protocol import (Delivery, Failure, Options, Status, Submission, batch_length, digest, dumps, loads,
-                       too_large, unpack_exception)
+from .protocol import (
+    Delivery,
+    Failure,
+    Options,
+    Status,
+    Submission,
+    batch_length,
+    digest,
+    dumps,
+    loads,
+    too_large,
+    unpack_exception,
+)
 from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")

@@ -851,15 +851,15 @@ class Pool:
 
     # -- submitting ---------------------------------------------------------------------
 
-    def apply(self, func: Callable, args: Iterable = (), kwds: dict = {}) -> Any:
+    def apply(self, func: Callable, args: Iterable = (), kwds: dict | None = None) -> Any:
         """``func(*args, **kwds)`` on the cluster; waits for the result."""
         return self.apply_async(func, args, kwds).get()
 
-    def apply_async(self, func: Callable, args: Iterable = (), kwds: dict = {},
+    def apply_async(self, func: Callable, args: Iterable = (), kwds: dict | None = None,
                     callback: Callable | None = None,
                     error_callback: Callable | None = None) -> AsyncResult:
         result = AsyncResult(callback, error_callback)
-        self._dispatcher.add(_Feed(self._call(func, APPLY), iter([(tuple(args), dict(kwds))]),
+        self._dispatcher.add(_Feed(self._call(func, APPLY), iter([(tuple(args), dict(kwds or {}))]),
                                    _ONE_ITEM, None, result))
         return result
 

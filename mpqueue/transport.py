@@ -293,9 +293,9 @@ class BrokerServer(managers.Server):
 class _Proxy(managers.BaseProxy):
     """Turns transport failures into mpqueue's own errors."""
 
-    def _callmethod(self, methodname, args=(), kwds={}):
+    def _callmethod(self, methodname, args=(), kwds=None):
         try:
-            return super()._callmethod(methodname, args, kwds)
+            return super()._callmethod(methodname, args, kwds or {})
         except (KeyboardInterrupt, SystemExit):
             self._drop_connection()     # a call cut short leaves it mid-message
             raise

@@ -40,8 +40,8 @@ from collections import deque
 from . import __version__
 from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
-from .pool import ProcessPool
 from .handshake import VERSIONS
+from .pool import ProcessPool
 from .protocol import batch_length
 from .transport import Reconnecting, connect, reach_broker
 

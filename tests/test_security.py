@@ -23,9 +23,9 @@ from pathlib import Path
 import cloudpickle
 import psutil
 import pytest
-from helpers import logs, python
 
 import mpqueue
+from helpers import logs, python
 from mpqueue import Client
 from mpqueue import handshake as wire
 
