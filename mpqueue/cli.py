@@ -163,12 +163,13 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
     (running jobs finish), a second a cold stop (running jobs are killed and go
     back to the queue). Either way no job is lost.
     """
+    from .cluster import usable_cpus
     from .worker import Worker
 
     # Like `python -m`, make modules in the current directory importable by jobs.
     sys.path.insert(0, os.getcwd())
     if procs is None:
-        procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        procs = usable_cpus()
     w = Worker(parse_address(address), resolve_authkey(), procs,
                max_tasks_per_child=max_tasks_per_child,
                max_memory_per_child=max_memory_per_child and max_memory_per_child << 20,

@@ -27,18 +27,16 @@ import functools
 import itertools
 import logging
 import os
-import secrets
-import socket
-import subprocess
 import sys
 import threading
 import time
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 from . import __version__
+from .cluster import LocalCluster
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
 from .protocol import (
@@ -257,7 +255,7 @@ class _Submitter:
             futures.append(f)
         results = client._map_results(futures, submit_next, deadline, chunksize > 1)
         if progress:
-            lengths = [len(i) for i in iterables if hasattr(i, "__len__")]
+            lengths = [len(i) for i in iterables if isinstance(i, Sized)]
             return _with_progress(results, min(lengths) if len(lengths) == len(iterables) else None)
         return results
 
@@ -295,7 +293,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._slots = threading.BoundedSemaphore(max_pending) if max_pending else None
         self._functions = _FunctionCache()
         self._lock = threading.Condition()     # the collect thread and cancels wait on it
-        self._to_send = threading.Condition(self._lock)     # the send thread waits here
+        # The send thread waits here, on the same lock.
+        self._to_send = threading.Condition(self._lock)     # type: ignore[arg-type]  # a Condition is a lock
         self._futures: dict[int, JobFuture] = {}
         self._outbox: list[tuple[Submission, bytes]] = []
         self._sending = False
@@ -347,8 +346,8 @@ class Client(_Submitter, concurrent.futures.Executor):
                 self._check_open()
             seq = next(self._seq)
             future = self._futures[seq] = JobFuture(self, seq, fn)
-            if self._slots is not None:
-                future.add_done_callback(lambda f: self._slots.release())
+            if (slots := self._slots) is not None:
+                future.add_done_callback(lambda f: slots.release())
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
             # A lone submit (not part of a burst: no other job pending, or
             # none submitted for a while) is sent from this thread at once: a
@@ -672,7 +671,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             self._cluster.stop()
 
 
-def _failure(delivery: Delivery, fn: Callable) -> BaseException:
+def _failure(delivery: Delivery, fn: Callable | None) -> BaseException:
     if delivery.status is Status.ERROR:
         return unpack_exception(delivery.payload, _source_finder(fn))
     if delivery.status is Status.LOST:
@@ -719,7 +718,7 @@ def _with_progress(results: Iterator, total: int | None) -> Iterator:
         yield from bar
 
 
-def _source_finder(fn: Callable) -> Callable[[str], str | None]:
+def _source_finder(fn: Callable | None) -> Callable[[str], str | None]:
     """Which file a function named in a remote traceback came from: one of the
     job function's globals by that name, else the job function's own file."""
     code = getattr(fn, "__code__", None)
@@ -735,81 +734,3 @@ def _shutdown_at_exit(method: weakref.WeakMethod) -> None:
     shutdown = method()
     if shutdown is not None:
         shutdown()
-
-
-class LocalCluster:
-    """A private broker and worker, as subprocesses, for a `Client` with no address.
-
-    They get a fresh random authkey, listen on loopback only, and hold a pipe
-    from this process on their stdin: should this process die without
-    stopping them, they see the pipe close and exit.
-    """
-
-    def __init__(self, procs: int | None = None):
-        self.authkey = secrets.token_hex(32).encode()
-        env = dict(os.environ, MPQUEUE_AUTHKEY=self.authkey.decode(), MPQUEUE_LOG_LEVEL="WARNING")
-        # Let the worker import what this script can: its directory first.
-        path = [os.path.abspath(sys.path[0] or os.curdir)]
-        if env.get("PYTHONPATH"):
-            path.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(path)
-        command = [sys.executable, "-m", "mpqueue"]
-        self.processes: list[subprocess.Popen] = []
-        # Reserve a port (bound, not listening: the broker can bind it too, no
-        # one else can) so that broker and worker start at the same time.
-        with socket.socket() as reservation:
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            reservation.bind(("127.0.0.1", 0))
-            self.address = reservation.getsockname()
-            port = str(self.address[1])
-            self.broker = self._start(command + ["broker", "--port", port, "--lifeline"], env,
-                                      stdout=subprocess.PIPE)
-            worker = command + ["worker", format_address(self.address), "--lifeline"]
-            if procs:
-                worker += ["--procs", str(procs)]
-            self._start(worker, env)
-            line = self.broker.stdout.readline().decode()
-        if "listening on" not in line:
-            self.stop()
-            raise BrokerUnavailable(f"the local broker did not start: {line.strip() or 'no output'}")
-
-    def _start(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, **kwargs)
-        self.processes.append(process)
-        return process
-
-    def stop(self) -> None:
-        """Shut the cluster down: ask (the shutdown event), wait, terminate, kill.
-
-        The broker exits once its worker has left; then the worker is told
-        to stop through its lifeline: one that had not joined the broker yet
-        (a cluster stopped as soon as it started) would otherwise wait for a
-        broker that is gone.
-        """
-        if getattr(self, "address", None) is not None:
-            try:
-                _, event = connect(self.address, self.authkey)
-                event.set()
-                event.close()
-            except MpqueueError:
-                pass
-        for process in self.processes:      # the broker, then the worker
-            if process is not self.broker:
-                process.stdin.close()
-            stop_process(process, SETTINGS.child_grace + 3)
-            if not process.stdin.closed:
-                process.stdin.close()
-            if process.stdout:
-                process.stdout.close()
-
-
-def stop_process(process: subprocess.Popen, grace: float) -> None:
-    """The shutdown ladder for a process already asked to stop: wait, terminate, kill."""
-    for step in (None, process.terminate, process.kill):
-        if step is not None:
-            step()
-        try:
-            process.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            pass

@@ -169,10 +169,13 @@ def resolve_tls() -> TLSFiles | None:
     paths = {field: os.environ.get(name) or None for field, name in TLS_VARIABLES.items()}
     if not any(paths.values()):
         return None
+    files: dict[str, str] = {}
     for field, name in TLS_VARIABLES.items():
-        if paths[field] is None:
+        path = paths[field]
+        if path is None:
             raise ConfigError(f"TLS needs all of --tls-cert, --tls-key and --tls-ca "
                               f"(or MPQUEUE_TLS_CERT, _KEY and _CA): {name} is not set")
-        if not os.path.isfile(paths[field]):
-            raise ConfigError(f"{name}={paths[field]}: no such file")
-    return TLSFiles(**paths)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{name}={path}: no such file")
+        files[field] = path
+    return TLSFiles(**files)

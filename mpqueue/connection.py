@@ -33,6 +33,7 @@ import select
 import socket
 import struct
 from multiprocessing import connection
+from typing import Callable
 
 broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in its log
 
@@ -80,6 +81,11 @@ class Connection(connection.Connection):
     #: Whether one thread may send while another reads (`send_nowait` works).
     concurrent_send = True
     _poller = None
+    # The stdlib class's own, which typeshed does not declare.
+    _handle: int
+    _check_closed: Callable[[], None]
+    _check_readable: Callable[[], None]
+    _check_writable: Callable[[], None]
 
     def send(self, obj) -> None:
         self._check_closed()

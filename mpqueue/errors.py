@@ -21,6 +21,10 @@ class ConfigError(MpqueueError):
 class BrokerUnavailable(MpqueueError, ConnectionError):
     """The broker cannot be reached, or went away."""
 
+    #: True when the broker is up and said something another try would not
+    #: change: a reconnect stops at once.
+    final: bool = False
+
 
 class AuthenticationError(BrokerUnavailable, multiprocessing.AuthenticationError):
     """The broker and this process hold different authkeys, or TLS refused one of them."""

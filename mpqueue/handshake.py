@@ -227,7 +227,7 @@ def Client(address: tuple[str, int], authkey: bytes,
     ``SETTINGS.connect_timeout``: over the broker's local socket if this
     process reaches it (see the module docstring), else over TCP. Raises
     mpqueue's errors for a refusal."""
-    address = tuple(address)
+    address = (address[0], address[1])     # a list, once it crossed a pickle
     local = _local_sockets.get(address)
     if local is not None:
         conn = _connect_local(local, address, authkey, tls)
@@ -365,7 +365,7 @@ class _TLSConnection(Connection):
 
     concurrent_send = False
 
-    def __init__(self, sock: ssl.SSLSocket):
+    def __init__(self, sock: socket.socket):     # an ssl.SSLSocket
         super().__init__(sock.fileno())
         self._sock = sock
 

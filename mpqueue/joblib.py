@@ -37,10 +37,11 @@ from typing import Any, Callable, NamedTuple
 
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, register_parallel_backend
 
-from .client import Client, LocalCluster
+from .client import Client
+from .cluster import LocalCluster, cluster_procs, usable_cpus
 from .config import format_address, parse_address, resolve_authkey
 from .errors import MpqueueError
-from .multiprocessing import _usable_cpus, _Wrapper, cluster_procs
+from .protocol import Wrapper
 
 __all__ = ["MpqueueBackend"]
 
@@ -87,7 +88,7 @@ def _initializer(initializer: Callable | None, initargs: Any) -> _Initializer | 
     return _Initializer(uuid.uuid4().hex, initializer, tuple(initargs))
 
 
-class _RunBatch(_Wrapper):
+class _RunBatch(Wrapper):
     """Runs a joblib batch in a worker's process, after the call's initializer
     if it has one. ``fn`` is the batch's (first) function: the client names a
     remote traceback's sources by it."""
@@ -169,17 +170,17 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
         if self._given is not None:
             try:    # the client's own key is not known: try ours
                 return cluster_procs(self._given.address, resolve_authkey(self._authkey)) \
-                    or _usable_cpus()
+                    or usable_cpus()
             except MpqueueError:
-                return _usable_cpus()
+                return usable_cpus()
         if self._cluster is not None:
             address, authkey = self._cluster.address, self._cluster.authkey
         else:
             address = self._address or os.environ.get("MPQUEUE_ADDRESS")
             if not address:
-                return _usable_cpus()
+                return usable_cpus()
             address, authkey = parse_address(address), resolve_authkey(self._authkey)
-        return cluster_procs(address, authkey) or _usable_cpus()
+        return cluster_procs(address, authkey) or usable_cpus()
 
     # -- a Parallel call ----------------------------------------------------------------
 
@@ -254,10 +255,11 @@ class MpqueueBackend(AutoBatchingMixin, ParallelBackendBase):
         with self._lock:
             futures = list(self._futures)
         self._aborted = True
+        client = self._client
         for future in futures:
-            if not future.done():
+            if client is not None and not future.done():
                 try:
-                    self._client.cancel(future, force=True)
+                    client.cancel(future, force=True)
                 except MpqueueError:
                     pass    # the broker is gone: the client fails the future
 

@@ -44,12 +44,13 @@ import uuid
 import warnings
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
-from .client import Client, LocalCluster
+from .client import Client
+from .cluster import LocalCluster, cluster_procs, usable_cpus
 from .config import format_address, resolve_authkey
 from .errors import MpqueueError, RemoteTraceback
-from .transport import connect
+from .protocol import Wrapper
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
            "IMapUnorderedIterator"]
@@ -89,42 +90,7 @@ APPLY, MAP, STARMAP = "apply", "map", "starmap"
 _initialized: set[str] = set()
 
 
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cluster_procs(address: tuple[str, int], authkey: bytes) -> int:
-    """How many processes the cluster's workers have now, all told."""
-    broker, _ = connect(address, authkey)
-    try:
-        return sum(w["procs"] for w in broker.status()["workers"])
-    finally:
-        broker.close()
-
-
-class _Wrapper:
-    """A callable that runs ``self.fn``. The client finds the source lines of a
-    remote traceback through the job function's code and globals; these point
-    it at the user's function rather than at the wrapper."""
-
-    fn: Callable
-
-    @property
-    def __wrapped__(self) -> Callable:
-        return self.fn
-
-    @property
-    def __code__(self):
-        return getattr(self.fn, "__code__", None)
-
-    @property
-    def __globals__(self) -> dict:
-        return getattr(self.fn, "__globals__", {})
-
-
-class _Call(_Wrapper):
+class _Call(Wrapper):
     """What a pool's job runs in a worker's process: the pool's initializer,
     once, then ``fn`` over a chunk of items. Returns the results and the
     seconds ``fn`` took."""
@@ -139,7 +105,7 @@ class _Call(_Wrapper):
 
     def __call__(self, items: list) -> tuple[list, float]:
         if self.initializer is not None:
-            self._initialize()
+            self._initialize(self.initializer)
         fn = self.fn
         start = time.perf_counter()
         if self.kind == MAP:
@@ -150,7 +116,7 @@ class _Call(_Wrapper):
             results = [fn(*args, **kwds) for args, kwds in items]
         return results, time.perf_counter() - start
 
-    def _initialize(self) -> None:
+    def _initialize(self, init: Callable) -> None:
         """Run the initializer once per process, before this pool's first job there.
 
         An importable initializer shares its module with everything in the
@@ -162,7 +128,6 @@ class _Call(_Wrapper):
         for every function that reads it. If it raises, the job fails with
         that exception, and the next job tries again.
         """
-        init = self.initializer
         namespace = getattr(init, "__globals__", None)
         module = sys.modules.get(getattr(init, "__module__", None) or "")
         if namespace is None or (module is not None and vars(module) is namespace):
@@ -210,7 +175,7 @@ def _with_stdlib_cause(exc: BaseException) -> BaseException:
     as the standard library's pool does."""
     cause = exc.__cause__
     if isinstance(cause, RemoteTraceback):
-        exc.__cause__ = multiprocessing.pool.RemoteTraceback(cause.tb)
+        exc.__cause__ = multiprocessing.pool.RemoteTraceback(cause.tb)  # type: ignore[attr-defined]  # not in typeshed
     return exc
 
 
@@ -367,7 +332,8 @@ class IMapIterator:
                     self._cond.wait(remaining)
                 ok, value = self._take()
                 self._taken += 1
-            self._dispatcher._consumed(self._feed)
+            if self._feed is not None:      # set as the pool takes the call, before any result
+                self._dispatcher._consumed(self._feed)
             if not ok:
                 raise value
             self._buffer.extend(value)
@@ -400,6 +366,9 @@ class IMapIterator:
             self._cond.notify_all()
 
 
+_Iterator = TypeVar("_Iterator", bound=IMapIterator)
+
+
 class IMapUnorderedIterator(IMapIterator):
     """The iterator of `Pool.imap_unordered`: results as their chunks finish."""
 
@@ -420,7 +389,7 @@ class IMapUnorderedIterator(IMapIterator):
 
 #: Iterators whose ``__length_hint__`` is exact: the items left, even if the
 #: list grew or shrank since.
-_SIZED_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(0), range(2 ** 64)))
+_SIZED_ITERATORS = frozenset({type(iter([])), type(iter(())), type(iter(range(0))), type(iter(range(2 ** 64)))})
 
 
 class _Feed:
@@ -440,7 +409,10 @@ class _Feed:
         # held weakly: once the caller drops it, ``on_drop`` wakes the feeder,
         # which stops reading the input and withdraws the chunks out.
         self.lazy = on_drop is not None
-        self._sink = weakref.ref(sink, lambda _: on_drop()) if self.lazy else sink
+        self._sink: Any = sink
+        if on_drop is not None:
+            drop = on_drop
+            self._sink = weakref.ref(sink, lambda _: drop())
         self.chunks = 0             # cut so far: the index of the next one
         self.position = 0           # items read so far
         self.done = 0               # chunks whose jobs finished
@@ -480,7 +452,7 @@ class _Feed:
 class _Cut(NamedTuple):
     """A chunk the feeder cut from a feed's input, to submit."""
     feed: _Feed
-    index: int          # the feed's how-manieth chunk
+    number: int         # the feed's how-manieth chunk
     start: int          # where in the feed's input its items start
     items: list
     last: bool          # the input ends with it
@@ -574,7 +546,7 @@ class _Dispatcher:
                         cut.feed.futures.add(future)
             # Hold nothing while waiting: a finished call's results must not
             # outlive the caller's last reference to them.
-            feeds = dropped = cuts = futures = cut = future = None
+            feeds = dropped = cuts = futures = cut = future = None  # type: ignore[assignment]
 
     def _next_feeds(self) -> tuple[list[_Feed], list]:
         """Wait for a feed with room (and room under the limit). With the condition held.
@@ -590,7 +562,7 @@ class _Dispatcher:
                 return [], []
             if self.any_dropped:
                 self.any_dropped = False
-                withdraw = []
+                withdraw: list[concurrent.futures.Future] = []
                 for feed in [f for f in self.feeds if f.dropped()]:
                     self._exhaust(feed)     # its consumer is gone: withdraw what it has out
                     withdraw += feed.futures
@@ -599,7 +571,7 @@ class _Dispatcher:
             if not self.unfinished and self.state == CLOSE:
                 return [], []
             room = FEED_BATCH if self.limit is None else min(FEED_BATCH, self.limit - self.in_flight)
-            batch = []
+            batch: list[_Feed] = []
             for feed in self.feeds:
                 if len(batch) == room:
                     break
@@ -609,7 +581,7 @@ class _Dispatcher:
                         break
             if batch:
                 return batch, []
-            feed = None     # not kept alive while we wait
+            feed = None     # type: ignore[assignment]  # not kept alive while we wait
             self.cond.wait()
 
     def _cut(self, feed: _Feed) -> _Cut | None:
@@ -645,7 +617,7 @@ class _Dispatcher:
             # The sink learns how many chunks there are before the last can
             # come back: a map's result, and its callback, come with that
             # chunk, in the collect thread.
-            self._input_ended(feed, cut.index + 1, None)
+            self._input_ended(feed, cut.number + 1, None)
         try:
             future = self.client.submit(feed.call, cut.items)
         except pickle.PicklingError as e:
@@ -655,19 +627,19 @@ class _Dispatcher:
             self._fail(cut, e, ends_input=True)
             return None
         future.add_done_callback(functools.partial(
-            self._chunk_done, feed, cut.index, cut.start, len(cut.items)))
+            self._chunk_done, feed, cut.number, cut.start, len(cut.items)))
         return future
 
     def _fail(self, cut: _Cut, error: BaseException, ends_input: bool) -> None:
         feed = cut.feed
-        self._deliver(feed, cut.index, cut.start, False, error)
+        self._deliver(feed, cut.number, cut.start, False, error)
         with self.cond:
             self.in_flight -= 1
             self._chunk_finished(feed)
             if ends_input:
                 self._exhaust(feed)
         if ends_input and not cut.last:
-            self._input_ended(feed, cut.index + 1, None)
+            self._input_ended(feed, cut.number + 1, None)
 
     def _end_input(self, feed: _Feed, error: BaseException | None) -> None:
         with self.cond:
@@ -689,6 +661,7 @@ class _Dispatcher:
         # JobFuture's result() and exception() would first take the client's
         # lock (which its collect and send threads contend for), to see
         # whether to collect for themselves.
+        value: Any
         try:
             error = concurrent.futures.Future.exception(future, 0)
         except concurrent.futures.CancelledError:
@@ -824,7 +797,7 @@ class Pool:
         address = address or os.environ.get("MPQUEUE_ADDRESS") or None
         cluster = None
         if address is None:
-            self._processes = processes or _usable_cpus()
+            self._processes = processes or usable_cpus()
             cluster = LocalCluster(self._processes)
             try:
                 client = Client(format_address(cluster.address), authkey=cluster.authkey,
@@ -836,7 +809,7 @@ class Pool:
             client = Client(address, authkey=authkey)
             try:
                 self._processes = processes or cluster_procs(client.address, resolve_authkey(authkey)) \
-                    or _usable_cpus()
+                    or usable_cpus()
             except BaseException:
                 client.shutdown()
                 raise
@@ -901,7 +874,7 @@ class Pool:
                                    _Chunker(chunksize, cap), self._window(chunksize), result))
         return result
 
-    def _imap(self, cls, func, iterable, chunksize) -> IMapIterator:
+    def _imap(self, cls: type[_Iterator], func, iterable, chunksize) -> _Iterator:
         self._check_running()
         _check_chunksize(chunksize)
         it = cls(self._dispatcher)

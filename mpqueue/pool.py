@@ -36,6 +36,7 @@ import sys
 import time
 from collections import OrderedDict
 from multiprocessing.connection import wait
+from typing import Any
 
 import psutil
 
@@ -230,7 +231,7 @@ class ProcessPool:
             elif task is not None and task.timeout is not None and now >= child.started + task.timeout:
                 child.end(Outcome(task.id, Status.TIMEOUT,
                                   Failure.timed_out(child.pid, task.timeout, task.attempt), True))
-            elif check_memory and (rss := _rss(child)) > self.max_memory:
+            elif check_memory and self.max_memory and (rss := _rss(child)) > self.max_memory:
                 child.process.kill()
                 child.ending = Outcome(child.ids()[0], Status.LOST,
                                        Failure.too_big(child.pid, rss, self.max_memory))
@@ -297,7 +298,7 @@ def _die_with_worker() -> None:
     worker, and ask for SIGKILL when our parent exits.
     """
     from multiprocessing import forkserver
-    server = forkserver._forkserver
+    server: Any = forkserver._forkserver     # its private state, which typeshed does not declare
     if server._forkserver_alive_fd is not None:
         os.close(server._forkserver_alive_fd)
         server._forkserver_alive_fd = None

@@ -204,6 +204,26 @@ class _Pickler(cloudpickle.Pickler):
         return super().reducer_override(obj)
 
 
+class Wrapper:
+    """A callable that runs ``self.fn``. The client finds the source lines of a
+    remote traceback through the job function's code and globals; these point
+    it at the user's function rather than at the wrapper."""
+
+    fn: Callable
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self.fn
+
+    @property
+    def __code__(self):
+        return getattr(self.fn, "__code__", None)
+
+    @property
+    def __globals__(self) -> dict:
+        return getattr(self.fn, "__globals__", {})
+
+
 def dumps(obj: Any) -> bytes:
     buffer = io.BytesIO()
     _Pickler(buffer, protocol=PROTOCOL).dump(obj)

@@ -40,7 +40,7 @@ import threading
 import time
 import traceback
 from multiprocessing import managers, util
-from typing import Callable
+from typing import Any, Callable
 
 from .config import SETTINGS, format_address, resolve_tls
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
@@ -96,11 +96,16 @@ class Listener:
         self._socket.close()
 
 
-managers.listener_client[SERIALIZER] = (Listener, Client)
+managers.listener_client[SERIALIZER] = (Listener, Client)   # type: ignore[attr-defined]  # not in typeshed
 
 
 class BrokerServer(managers.Server):
     """The manager server, publishing the broker and its shutdown event."""
+
+    # The stdlib server's own attributes, as typeshed does not declare them.
+    listener: Listener
+    authkey: bytes
+    id_to_obj: dict[str, Any]
 
     def __init__(self, broker, address: tuple[str, int], authkey: bytes):
         files = resolve_tls()
@@ -155,7 +160,7 @@ class BrokerServer(managers.Server):
                 continue
             threading.Thread(target=self.handle_request, args=(sock,), daemon=True).start()
 
-    def handle_request(self, sock: socket.socket) -> None:
+    def handle_request(self, sock: socket.socket) -> None:  # type: ignore[override]  # our Listener hands a socket
         """A new connection, in its own thread: our handshake, then its one request.
 
         This replaces the stdlib method (whose body 3.12 moved to
@@ -372,7 +377,7 @@ def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.br
         except AuthenticationError:
             raise
         except BrokerUnavailable as e:
-            if getattr(e, "final", False):
+            if e.final:
                 raise
             if time.monotonic() + delay > deadline or (abandoned is not None and abandoned.is_set()):
                 raise BrokerUnavailable(
@@ -452,7 +457,7 @@ class Reconnecting:
                 self._cond.wait()
         where = format_address(self.address)
         stopping = f"lost the broker at {where} ({error}) while stopping"
-        failure = None
+        failure: BaseException | None = None
         try:
             if self._abandoned.is_set():
                 raise BrokerUnavailable(stopping)
@@ -463,15 +468,16 @@ class Reconnecting:
             failure = e
             raise
         except BrokerUnavailable as e:
-            if getattr(e, "final", False):
+            if e.final:
                 failure = e
                 raise
             if self._abandoned.is_set():
-                failure = BrokerUnavailable(stopping)
+                gave_up = BrokerUnavailable(stopping)
             else:
-                failure = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
+                gave_up = BrokerUnavailable(f"lost the broker at {where} and could not reconnect "
                                             f"within {self._timeout:.0f} s ({error})")
-            raise failure from e
+            failure = gave_up
+            raise gave_up from e
         except Exception as e:      # refused (versions): nothing to go back to
             failure = e
             raise
