@@ -27,19 +27,25 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import signal
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Iterator
 
 from .config import SETTINGS, Settings
-from .connection import MAX_MESSAGE
-from .errors import ConfigError
 from .journal import Journal
-from .protocol import BATCH_BYTES, Delivery, Outcome, Submission
+from .protocol import (
+    ClientHello,
+    ClientWelcome,
+    Delivery,
+    Kick,
+    Outcome,
+    Submission,
+    WorkerHello,
+    WorkerWelcome,
+)
 from .state import NO_EFFECTS, NOTHING_YET, PARKED, BrokerState, Effects, PendingCancel
-from .transport import DEFERRED, BrokerServer, Caller
+from .transport import DEFERRED, Caller
 
 log = logging.getLogger("mpqueue.broker")
 
@@ -167,11 +173,12 @@ class Broker:
         with self._changing() as state:
             state.connection_closed(caller.session, caller.reply, time.monotonic())
 
-    def register(self, session: str, kind: str, info: dict, *, caller: Caller | None = None) -> dict:
+    def register(self, session: str, hello: WorkerHello | ClientHello, *,
+                 caller: Caller | None = None) -> WorkerWelcome | ClientWelcome:
         """A worker or client introduces itself."""
         with self._changing() as state:
             self._bind(caller, session, state)
-            return state.register(session, kind, info, caller.peer if caller else None, time.monotonic())
+            return state.register(session, hello, caller.peer if caller else None, time.monotonic())
 
     def unregister(self, session: str, *, caller: Caller | None = None) -> None:
         """A worker leaves cleanly; anything it still holds goes back to the queue."""
@@ -213,7 +220,7 @@ class Broker:
 
     # -- results ------------------------------------------------------------
 
-    def collect(self, session: str, ack: int, wait: float, urgent: bool = False, kick: str | None = None, *,
+    def collect(self, session: str, ack: int, wait: float, urgent: bool = False, kick: Kick | None = None, *,
                 caller: Caller | None = None) -> list[tuple[int, Delivery]]:
         """Drop this client's results numbered up to ``ack``, then return the
         next ones; with none, park the call until there are, for up to
@@ -296,36 +303,3 @@ class Broker:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""
         with self._lock:
             return self._state.status(time.monotonic(), time.time())
-
-
-def serve(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
-          settings: Settings = SETTINGS, journal: str | None = None) -> None:
-    """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
-
-    The manager server runs in this process (its threads serve connections);
-    this thread waits on the cluster's shutdown event and does the upkeep.
-    With ``journal`` (a path), state is kept in, and first loaded from, that
-    SQLite file.
-    """
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, stop)
-    # A payload and a batch's others in one message; in SQLite, one value.
-    ceiling = min(MAX_MESSAGE - 4 * BATCH_BYTES, 950 * 2**20 if journal else MAX_MESSAGE)
-    if settings.max_payload > ceiling:
-        raise ConfigError(f"MPQUEUE_MAX_PAYLOAD={settings.max_payload:.0f} is over the most this "
-                          f"broker can carry in one message or store in its journal ({ceiling} bytes)")
-    broker = Broker(settings, Journal(journal) if journal else None)
-    server = BrokerServer(broker, address, authkey)
-    server.start()
-    try:
-        on_ready(cast("tuple[str, int]", server.address))   # the socket's, once bound
-        while not broker.tick():
-            broker.release_memory()
-            if broker.shutdown_event.is_set():
-                time.sleep(0.1)     # draining: a few ticks, then we exit
-            else:
-                broker.shutdown_event.wait(settings.heartbeat_interval)
-        log.info("shut down")
-    except KeyboardInterrupt:
-        log.info("stopped")

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Callable, cast
 
 import click
 
@@ -21,6 +22,7 @@ from .config import (
     DEFAULT_PORT,
     SETTINGS,
     TLS_VARIABLES,
+    Settings,
     authkey_path,
     format_address,
     is_loopback,
@@ -29,6 +31,8 @@ from .config import (
     resolve_tls,
 )
 from .errors import ConfigError, MpqueueError
+
+broker_log = logging.getLogger("mpqueue.broker")
 
 ADDRESS_HELP = "HOST:PORT of the broker [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]"
 
@@ -105,8 +109,6 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
 
     Prints `listening on HOST:PORT` once it accepts connections.
     """
-    from .broker import serve
-
     had_key = bool(os.environ.get("MPQUEUE_AUTHKEY")) or authkey_path().exists()
     loopback = is_loopback(host)
     if not had_key and not loopback:
@@ -125,20 +127,59 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
         _watch_lifeline(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     def ready(address):
-        logging.getLogger("mpqueue.broker").info("authkey %s", source)
+        broker_log.info("authkey %s", source)
         if tls is not None:
-            logging.getLogger("mpqueue.broker").info(
+            broker_log.info(
                 "TLS with certificate %s; peers must present one signed by %s", tls.cert, tls.ca)
         elif not loopback:
-            logging.getLogger("mpqueue.broker").warning(
+            broker_log.warning(
                 "listening on %s without TLS: the traffic is not encrypted (see --tls-cert)", host)
         click.echo(f"mpqueue broker {__version__} listening on {format_address(address)}")
 
     settings = SETTINGS if result_ttl is None else dataclasses.replace(SETTINGS, result_ttl=result_ttl)
     try:
-        serve((host, port), authkey, ready, settings, journal)
+        _serve_broker((host, port), authkey, ready, settings, journal)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
+                  settings: Settings = SETTINGS, journal: str | None = None) -> None:
+    """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
+
+    The manager server runs in this process (its threads serve connections);
+    this thread waits on the cluster's shutdown event and does the upkeep.
+    With ``journal`` (a path), state is kept in, and first loaded from, that
+    SQLite file.
+    """
+    from .broker import Broker
+    from .connection import MAX_MESSAGE
+    from .journal import Journal
+    from .protocol import BATCH_BYTES
+    from .transport import BrokerServer
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    # A payload and a batch's others in one message; in SQLite, one value.
+    ceiling = min(MAX_MESSAGE - 4 * BATCH_BYTES, 950 * 2**20 if journal else MAX_MESSAGE)
+    if settings.max_payload > ceiling:
+        raise ConfigError(f"MPQUEUE_MAX_PAYLOAD={settings.max_payload:.0f} is over the most this "
+                          f"broker can carry in one message or store in its journal ({ceiling} bytes)")
+    broker = Broker(settings, Journal(journal) if journal else None)
+    server = BrokerServer(broker, address, authkey)
+    server.start()
+    try:
+        on_ready(cast("tuple[str, int]", server.address))   # the socket's, once bound
+        while not broker.tick():
+            broker.release_memory()
+            if broker.shutdown_event.is_set():
+                time.sleep(0.1)     # draining: a few ticks, then we exit
+            else:
+                broker.shutdown_event.wait(settings.heartbeat_interval)
+        broker_log.info("shut down")
+    except KeyboardInterrupt:
+        broker_log.info("stopped")
 
 
 @main.command()

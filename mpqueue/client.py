@@ -40,8 +40,10 @@ from .cluster import LocalCluster
 from .config import SETTINGS, format_address, parse_address, resolve_authkey
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
 from .protocol import (
+    ClientHello,
     Delivery,
     Failure,
+    Kick,
     Options,
     Status,
     Submission,
@@ -311,8 +313,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             reconnect_timeout = 0 if self._cluster else SETTINGS.reconnect_timeout
         self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout, self._broker)
         try:
-            reply = self._broker.register(self.session, "client", {"version": __version__, "pid": os.getpid()})
-            self._max_payload: int = reply.get("max_payload", int(SETTINGS.max_payload))
+            reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
+            self._max_payload: int = reply.max_payload
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -437,7 +439,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         for future in withdrawn:
             concurrent.futures.Future.cancel(future)
         if withdrawn and self._collecting_for is not None:
-            self._kick("waiting")
+            self._kick(Kick.WAITING)
         return [future.cancelled() for future in futures]
 
     # -- closing ----------------------------------------------------------------
@@ -456,7 +458,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         if not pending and self._failure is None and self._collector.is_alive():
             # Its collect may be parked in the broker while a waiting thread
             # collected: get it out, so that it sees we are closing.
-            self._kick("closing")
+            self._kick(Kick.CLOSING)
         if cancel_futures and pending and self._failure is None:
             try:
                 self._withdraw(pending, force=False)
@@ -521,7 +523,7 @@ class Client(_Submitter, concurrent.futures.Executor):
                     wait = SETTINGS.wait_slice if self._uncollected() else 0
                 # A thread collecting for its own result may be parked for
                 # one we just settled: the next call gets it out.
-                kick = self._collect(wait, kick="waiting" if kick else None) and self._collecting_for is not None
+                kick = self._collect(wait, kick=Kick.WAITING if kick else None) and self._collecting_for is not None
         except MpqueueError as e:
             self._fail(e)
         finally:
@@ -532,7 +534,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         (lock held): any but the one a waiting thread collects for itself."""
         return len(self._futures) > (self._collecting_for in self._futures)
 
-    def _collect(self, wait: float, urgent: bool = False, kick: str | None = None, reconnect: bool = True) -> bool:
+    def _collect(self, wait: float, urgent: bool = False, kick: Kick | None = None, reconnect: bool = True) -> bool:
         """One collect call: acknowledge what we have, resolve what comes.
         Returns whether that settled a future (results come again until
         acknowledged, and another thread may have settled theirs already)."""
@@ -576,12 +578,12 @@ class Client(_Submitter, concurrent.futures.Executor):
                 if self._futures or self._ack != self._acked:
                     self._lock.notify_all()     # the collect thread takes over, or acknowledges
             if closing:
-                self._kick("closing")   # the collect thread may be parked, with nothing left to wait for
+                self._kick(Kick.CLOSING)   # the collect thread may be parked, with nothing left to wait for
 
-    def _kick(self, kind: str) -> None:
+    def _kick(self, kind: Kick) -> None:
         """Get this client's collect calls parked in the broker out at once
-        (see `Broker.collect`): "waiting", one a thread collecting for itself
-        waits in, for a future settled here; "closing", the collect thread's."""
+        (see `Broker.collect`): WAITING, one a thread collecting for itself
+        waits in, for a future settled here; CLOSING, the collect thread's."""
         try:
             self._collect(0, kick=kind, reconnect=False)
         except MpqueueError:
@@ -600,13 +602,12 @@ class Client(_Submitter, concurrent.futures.Executor):
         with self._lock:
             unsent = {sub.seq for sub, _ in self._outbox} | self._in_flight
             pending = [seq for seq in self._futures if seq not in unsent]
-        info = {"version": __version__, "pid": os.getpid()}
-        reply = self._broker.register(self.session, "client", {**info, "resume": True, "pending": pending})
-        self._max_payload = reply.get("max_payload", self._max_payload)
+        reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__, True, tuple(pending)))
         where = format_address(self.address)
-        if reply["known"]:
-            if reply["missing"]:
-                self._lose(reply["missing"], BrokerUnavailable(
+        if reply.known:
+            self._max_payload = reply.max_payload
+            if reply.missing:
+                self._lose(reply.missing, BrokerUnavailable(
                     f"the broker at {where} came back without this job (its journal lost it)"))
             return
         if pending:
@@ -618,7 +619,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             error.final = True      # not retried: the broker is up, and will not remember
             raise error
         # Nothing was lost: carry on with this broker, numbering results afresh.
-        self._broker.register(self.session, "client", info)
+        self._max_payload = self._broker.register(self.session, ClientHello(os.getpid(), __version__)).max_payload
         self._ack = self._acked = 0
 
     def _lose(self, seqs: list[int], error: BaseException) -> None:

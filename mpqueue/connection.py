@@ -22,6 +22,9 @@ blocked in ``read()`` on a Unix socket is also woken each time its peer
 consumes what it sent (the kernel wakes the socket's writers without telling
 them apart from readers), so every call would cost its caller a wakeup more,
 about 50-100 us each on a small VM. ``poll()`` wakes for input only.
+
+`TLSConnection` is the same over an ``ssl.SSLSocket``, and `tls_context` the
+mutual-TLS configuration both ends use (`handshake` sets it up).
 """
 
 from __future__ import annotations
@@ -31,9 +34,13 @@ import os
 import pickle
 import select
 import socket
+import ssl
 import struct
 from multiprocessing import connection
 from typing import Callable
+
+from .config import TLSFiles
+from .errors import ConfigError
 
 broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in its log
 
@@ -159,3 +166,51 @@ class Connection(connection.Connection):
 
     def _read_into(self, view: memoryview) -> int:
         return os.readv(self._handle, [view])
+
+
+class TLSConnection(Connection):
+    """A `Connection` over an `ssl.SSLSocket`. The stdlib class reads and writes
+    its file descriptor directly (os.read/os.write), which would bypass TLS.
+    OpenSSL does not allow one thread to write an SSL object while another
+    reads it: the broker sends on it only from the thread that reads it."""
+
+    concurrent_send = False
+
+    def __init__(self, sock: socket.socket):     # an ssl.SSLSocket
+        super().__init__(sock.fileno())
+        self._sock = sock
+
+    def _close(self):
+        self._sock.close()
+
+    def _send_pieces(self, pieces):
+        if sum(map(len, pieces)) <= 1 << 16:
+            pieces = [b"".join(pieces)]     # one TLS record for a short message
+        for piece in pieces:
+            self._sock.sendall(piece)
+
+    def _read_into(self, view):
+        return self._sock.recv_into(view)
+
+    def _poll(self, timeout):
+        # Bytes TLS has decrypted already are not readable on the descriptor.
+        return self._sock.pending() > 0 or super()._poll(timeout)
+
+
+def tls_context(files: TLSFiles, server: bool) -> ssl.SSLContext:
+    """Mutual TLS: present our certificate, and require the peer's, signed by the CA.
+
+    Host names are not checked: every certificate the cluster's own CA signs
+    is a member, at whatever address it is reached.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(files.cert, files.key)
+        context.load_verify_locations(files.ca)
+    except OSError as e:        # ssl.SSLError too
+        raise ConfigError(f"cannot use the TLS files {files.cert}, {files.key}, {files.ca}: "
+                          f"{e.strerror or e}") from None
+    return context

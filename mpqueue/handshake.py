@@ -51,8 +51,8 @@ import time
 import cloudpickle
 
 from . import __version__
-from .config import SETTINGS, TLSFiles, format_address
-from .connection import Connection
+from .config import SETTINGS, format_address
+from .connection import Connection, TLSConnection
 from .errors import AuthenticationError, BrokerUnavailable, ConfigError, MpqueueError, VersionMismatch
 
 
@@ -200,7 +200,7 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
             ok["local"] = local
         _send_frame(sock, ok)
         sock.settimeout(None)
-        return _TLSConnection(sock) if tls is not None else Connection(sock.detach())
+        return TLSConnection(sock) if tls is not None else Connection(sock.detach())
     except BaseException as e:
         sock.close()
         if isinstance(e, TimeoutError):
@@ -343,7 +343,7 @@ def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
         offered = verdict.get("local")
         if not (isinstance(offered, list) and len(offered) == 3 and sock.family != socket.AF_UNIX):
             offered = None
-        conn = _TLSConnection(sock) if tls is not None else Connection(sock.detach())
+        conn = TLSConnection(sock) if tls is not None else Connection(sock.detach())
         return conn, (str(offered[0]), int(offered[1]), str(offered[2])) if offered else None
     except BaseException as e:
         sock.close()
@@ -355,51 +355,3 @@ def _handshake(sock: socket.socket, address: tuple[str, int], authkey: bytes,
         if isinstance(e, Refused):
             raise BrokerUnavailable(f"the process at {where} is not an mpqueue broker") from None
         raise
-
-
-class _TLSConnection(Connection):
-    """A `Connection` over an `ssl.SSLSocket`. The stdlib class reads and writes
-    its file descriptor directly (os.read/os.write), which would bypass TLS.
-    OpenSSL does not allow one thread to write an SSL object while another
-    reads it: the broker sends on it only from the thread that reads it."""
-
-    concurrent_send = False
-
-    def __init__(self, sock: socket.socket):     # an ssl.SSLSocket
-        super().__init__(sock.fileno())
-        self._sock = sock
-
-    def _close(self):
-        self._sock.close()
-
-    def _send_pieces(self, pieces):
-        if sum(map(len, pieces)) <= 1 << 16:
-            pieces = [b"".join(pieces)]     # one TLS record for a short message
-        for piece in pieces:
-            self._sock.sendall(piece)
-
-    def _read_into(self, view):
-        return self._sock.recv_into(view)
-
-    def _poll(self, timeout):
-        # Bytes TLS has decrypted already are not readable on the descriptor.
-        return self._sock.pending() > 0 or super()._poll(timeout)
-
-
-def tls_context(files: TLSFiles, server: bool) -> ssl.SSLContext:
-    """Mutual TLS: present our certificate, and require the peer's, signed by the CA.
-
-    Host names are not checked: every certificate the cluster's own CA signs
-    is a member, at whatever address it is reached.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED
-    try:
-        context.load_cert_chain(files.cert, files.key)
-        context.load_verify_locations(files.ca)
-    except OSError as e:        # ssl.SSLError too
-        raise ConfigError(f"cannot use the TLS files {files.cert}, {files.key}, {files.ca}: "
-                          f"{e.strerror or e}") from None
-    return context

@@ -41,6 +41,13 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 BATCH_BYTES = 8 << 20
 
 
+class Kick(enum.Enum):
+    """Which of a client's collect calls parked in the broker to answer at once
+    (`Broker.collect`)."""
+    WAITING = "waiting"     # the urgent ones: their result was settled elsewhere
+    CLOSING = "closing"     # all of them: the client is closing
+
+
 class Status(enum.IntEnum):
     OK = 0         #: payload: the pickled return value
     ERROR = 1      #: payload: `pack_exception` of what the function raised
@@ -155,6 +162,41 @@ class Outcome(NamedTuple):
     status: Status
     payload: Any      # bytes for OK and ERROR, a Failure for LOST and TIMEOUT
     retryable: bool = False   # ERROR: it matched retry_on; LOST: another attempt may help
+
+
+class WorkerHello(NamedTuple):
+    """A worker introducing itself to the broker (`Broker.register`)."""
+    host: str
+    pid: int
+    procs: int
+    versions: dict[str, str]        # "version" (mpqueue's), "python", "cloudpickle"
+    broker_id: str | None = None    # the broker it was registered with, if any: rejoining
+    running: tuple[int, ...] = ()   # rejoining: jobs its children run now
+    finished: tuple[int, ...] = ()  # rejoining: jobs whose results it holds, not yet reported
+
+
+class WorkerWelcome(NamedTuple):
+    """The broker's answer to a `WorkerHello`."""
+    heartbeat_interval: float       # report at least this often
+    broker_id: str
+    new: bool                       # not the broker named in the hello: the ids it held mean nothing
+    unknown: list[int]              # running jobs this broker does not know: stop them
+    max_payload: int                # the cluster's limit on a result (`too_large`)
+
+
+class ClientHello(NamedTuple):
+    """A client introducing itself to the broker (`Broker.register`)."""
+    pid: int
+    version: str
+    resume: bool = False            # reconnecting: if unknown, say so rather than start afresh
+    pending: tuple[int, ...] = ()   # reconnecting: the job numbers it had sent and waits on
+
+
+class ClientWelcome(NamedTuple):
+    """The broker's answer to a `ClientHello`."""
+    known: bool                     # the broker had this session
+    missing: list[int] = []         # of the pending jobs, those it has neither queued nor finished
+    max_payload: int = 0            # the cluster's limit on a job's function and arguments
 
 
 class Delivery(NamedTuple):

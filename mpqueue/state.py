@@ -36,7 +36,21 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .config import SETTINGS, Settings
-from .protocol import BATCH_BYTES, Delivery, Failure, Options, Outcome, Status, Submission, Task
+from .protocol import (
+    BATCH_BYTES,
+    ClientHello,
+    ClientWelcome,
+    Delivery,
+    Failure,
+    Kick,
+    Options,
+    Outcome,
+    Status,
+    Submission,
+    Task,
+    WorkerHello,
+    WorkerWelcome,
+)
 
 log = logging.getLogger("mpqueue.broker")
 
@@ -137,7 +151,7 @@ class _Client:
     withdrawn: set[int] = dataclasses.field(default_factory=set)  # its job numbers cancelled
     gone_since: float | None = None
     woken: bool = False         # its parked collects return, even empty (a cancel)
-    kicked: tuple | None = None  # (kind, reply) of a kick that found nothing parked
+    kicked: tuple[Kick, Reply] | None = None  # a kick that found nothing parked, and its call's reply
     #: Its parked collect calls, answered from the end: urgent ones (a thread
     #: waiting on a result, which saves a handoff) are put there.
     collectors: list[_Parked] = dataclasses.field(default_factory=list)
@@ -344,37 +358,35 @@ class BrokerState:
         if client is not None:
             client.gone_since = now
 
-    def register(self, session: str, kind: str, info: dict, peer: str | None, now: float) -> dict:
-        """A worker or client introduces itself; ``peer``: its address (`Broker.connection_opened`)."""
-        if kind == "worker":
-            versions = {k: info.get(k) for k in ("version", "python", "cloudpickle")}
+    def register(self, session: str, hello: WorkerHello | ClientHello, peer: str | None,
+                 now: float) -> WorkerWelcome | ClientWelcome:
+        """A worker or client introduces itself; ``peer``: its address (`Caller.peer`)."""
+        if isinstance(hello, WorkerHello):
             old = self._workers.pop(session, None)
             self._recheck_fetchers = True   # its parked fetch, if any, is on a connection it left
-            worker = self._workers[session] = _Worker(session, info["host"], info["pid"], info["procs"],
-                                                      now, address=peer, versions=versions)
+            worker = self._workers[session] = _Worker(session, hello.host, hello.pid, hello.procs,
+                                                      now, address=peer, versions=dict(hello.versions))
             log.info("worker %s joined from %s (%s) pid %d with %d procs",
-                     session, info["host"], peer, info["pid"], info["procs"])
-            running = info.get("running", ())
-            new = info.get("broker_id", self.id) != self.id
+                     session, hello.host, peer, hello.pid, hello.procs)
+            new = hello.broker_id is not None and hello.broker_id != self.id
             if not new:
-                self._lease_back(worker, old, running, info.get("finished", ()))
-            return {"heartbeat_interval": self.settings.heartbeat_interval, "broker_id": self.id,
-                    "new": new, "unknown": [i for i in running if new or i not in self._jobs],
-                    "max_payload": int(self.settings.max_payload)}
+                self._lease_back(worker, old, hello.running, hello.finished)
+            return WorkerWelcome(self.settings.heartbeat_interval, self.id, new,
+                                 [i for i in hello.running if new or i not in self._jobs],
+                                 int(self.settings.max_payload))
         # A client reconnecting to a broker that restarted without its
         # session (no journal, or it expired) is told so, and not taken on.
         known = session in self._clients
-        if not known and info.get("resume"):
-            return {"known": False}
+        if not known and hello.resume:
+            return ClientWelcome(False)
         client = self._client(session)
         # Jobs it had sent (and we confirmed) that this broker has neither
         # queued nor finished: lost with a journal's last writes, or with
         # a journal restored from an older copy.
         finished = {delivery.seq for _, delivery, _ in client.results}
-        missing = [seq for seq in info.get("pending", ())
+        missing = [seq for seq in hello.pending
                    if seq not in client.jobs and seq not in finished and seq not in client.withdrawn]
-        return {"heartbeat_interval": self.settings.heartbeat_interval, "known": known,
-                "missing": missing, "max_payload": int(self.settings.max_payload)}
+        return ClientWelcome(known, missing, int(self.settings.max_payload))
 
     def _lease_back(self, worker: _Worker, old: _Worker | None, running: Iterable[int],
                     finished: Iterable[int]) -> None:
@@ -673,16 +685,16 @@ class BrokerState:
         self._nudged.add(job.client)
 
     def collect(self, session: str, reply: Reply, ack: int, wait: float, now: float, urgent: bool = False,
-                kick: str | None = None) -> Any:
+                kick: Kick | None = None) -> Any:
         """Drop this client's results numbered up to ``ack`` (it has them), then
         return the next ones; with none, park the call until there are, for
         up to ``wait`` s (returns `PARKED`).
 
         A client has two kinds of collect: its collect thread's, and an
         ``urgent`` one from a thread waiting on a result, answered first. A
-        ``kick`` answers parked collects of the client at once: "waiting", the
+        ``kick`` answers parked collects of the client at once: WAITING, the
         urgent ones (their result was settled elsewhere: taken by the collect
-        thread, or cancelled); "closing", all of them. If none is parked, it
+        thread, or cancelled); CLOSING, all of them. If none is parked, it
         answers the next such call from another connection as it comes.
         """
         client = self._clients.get(session) if kick else self._client(session)
@@ -694,11 +706,11 @@ class BrokerState:
                 results.popleft()
             self._record("acknowledged", session, ack)
         kicked = (client.kicked is not None and client.kicked[1] is not reply
-                  and (urgent or client.kicked[0] == "closing"))
+                  and (urgent or client.kicked[0] is Kick.CLOSING))
         if kicked:
             client.kicked = None
         if kick:
-            targets = [p for p in client.collectors if p.urgent or kick == "closing"]
+            targets = [p for p in client.collectors if p.urgent or kick is Kick.CLOSING]
             for parked in targets:
                 client.collectors.remove(parked)
                 self._answer(parked, self._batch(client))

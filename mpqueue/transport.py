@@ -43,8 +43,9 @@ from multiprocessing import managers, util
 from typing import Any, Callable
 
 from .config import SETTINGS, format_address, resolve_tls
+from .connection import tls_context
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
-from .handshake import Client, Refused, accept, peer_pid, process_identity, tls_context
+from .handshake import Client, Refused, accept, peer_pid, process_identity
 
 log = logging.getLogger("mpqueue")
 broker_log = logging.getLogger("mpqueue.broker")

@@ -28,6 +28,7 @@ docs/internals.md.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import signal
@@ -42,10 +43,17 @@ from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .handshake import VERSIONS
 from .pool import ProcessPool
-from .protocol import batch_length
+from .protocol import WorkerHello, batch_length
 from .transport import Reconnecting, connect, reach_broker
 
 log = logging.getLogger("mpqueue.worker")
+
+class Stop(enum.IntEnum):
+    """How far a worker has gone in stopping; each level includes those below."""
+    NONE = 0    # serving
+    WARM = 1    # fetching no more; running jobs finish and are delivered
+    COLD = 2    # running jobs are killed
+
 
 #: Prefetch at most this many jobs per proc, however short they are.
 MAX_PREFETCH = 64
@@ -88,7 +96,7 @@ class Worker:
         self._drop_on_arrival: set[int] = set()   # withdrawn while on their way to us
         self._finished: deque = deque(maxlen=4096)  # ids of recently finished jobs
         self._solo: set[int] = set()        # in a batch whose child died: run alone
-        self._stop = 0                      # 0 running, 1 warm stop, 2 cold stop
+        self._stop = Stop.NONE
         self._stopped = threading.Event()   # set with _stop: ends the wait for a broker at start
         self._reporting = False
         self._fetcher_waits = False         # the fetch thread waits for room
@@ -129,7 +137,7 @@ class Worker:
         finally:
             with self._lock:
                 self._pool = None       # the fetch thread starts no more jobs
-            if self._stop >= 2 or self._failure:
+            if self._stop is Stop.COLD or self._failure:
                 pool.kill_busy()
             with self._lock:
                 self._reporting = False
@@ -155,7 +163,7 @@ class Worker:
         while True:
             with self._lock:
                 stop = self._stop
-                if stop >= 2:
+                if stop is Stop.COLD:
                     return                      # run() kills the busy children
                 unstarted = [task.id for task, _ in self._inbox] if stop else []
                 if stop:
@@ -257,42 +265,41 @@ class Worker:
         except BrokerUnavailable as e:
             with self._lock:
                 self._failure = self._failure or e
-                self._stop = 2
+                self._stop = Stop.COLD
         except Exception as e:     # a bug of ours: stop, loudly, rather than limp on
             log.exception("internal error in the %s thread", threading.current_thread().name)
             with self._lock:
                 self._failure = self._failure or BrokerUnavailable(f"internal error: {e!r}")
-                self._stop = 2
+                self._stop = Stop.COLD
         finally:
             self._wake()
 
     def _register(self, running: list[int] | tuple = (), finished: list[int] | tuple = ()) -> None:
-        reply = self.broker.register(self.id, "worker", {
-            "running": running, "finished": finished, "broker_id": self._broker_id,
-            "host": socket.gethostname(), "pid": os.getpid(), "procs": self.procs,
-            "version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]})
-        self._heartbeat = reply["heartbeat_interval"]     # the broker's timeout is what counts
-        self._max_payload = reply.get("max_payload", self._max_payload)
+        versions = {"version": __version__, "python": VERSIONS["python"], "cloudpickle": VERSIONS["cloudpickle"]}
+        reply = self.broker.register(self.id, WorkerHello(socket.gethostname(), os.getpid(), self.procs, versions,
+                                                          self._broker_id, tuple(running), tuple(finished)))
+        self._heartbeat = reply.heartbeat_interval     # the broker's timeout is what counts
+        self._max_payload = reply.max_payload
         with self._lock:
             # A different broker than before (restarted without its journal):
             # the job ids we hold mean nothing to it, or another job.
-            new = reply["new"] and self._broker_id is not None
+            new = reply.new and self._broker_id is not None
             if new:
                 dropped, self._outbox = len(self._outbox), []
                 self._finished.clear()
                 self._drop_on_arrival.clear()
                 self._solo.clear()
-            self._broker_id = reply["broker_id"]    # under the lock: _hold() compares it
+            self._broker_id = reply.broker_id    # under the lock: _hold() compares it
         if new:
             log.warning("the broker at %s is a new one: dropping %d results it cannot want",
                         format_address(self.address), dropped)
-        if reply["unknown"]:
+        if reply.unknown:
             # Jobs the broker no longer has (it restarted without a journal,
             # or they were finished elsewhere): nobody wants their results.
-            log.info("stopping %d running jobs the broker no longer knows", len(reply["unknown"]))
+            log.info("stopping %d running jobs the broker no longer knows", len(reply.unknown))
             with self._lock:
-                self._orphans.update(reply["unknown"])
-                self._requests.extend((job_id, True) for job_id in reply["unknown"])
+                self._orphans.update(reply.unknown)
+                self._requests.extend((job_id, True) for job_id in reply.unknown)
             self._wake()
 
     def _rejoin(self) -> None:
@@ -426,7 +433,7 @@ class Worker:
     def stop(self, cold: bool = False) -> None:
         """Stop warm (running jobs finish) or cold (they are killed). Any thread."""
         with self._lock:
-            self._stop = max(self._stop, 2 if cold else 1)
+            self._stop = max(self._stop, Stop.COLD if cold else Stop.WARM)
             self._lock.notify_all()
         self._stopped.set()
         if cold:
@@ -435,7 +442,7 @@ class Worker:
 
     def _install_signals(self) -> None:
         def on_signal(signum, frame):
-            cold = self._stop > 0
+            cold = self._stop is not Stop.NONE
             self.stop(cold)
             how = "cold stop: killing running jobs" if cold else "warm stop: finishing running jobs"
             log.info("%s received; %s", signal.Signals(signum).name, how)

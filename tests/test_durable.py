@@ -154,11 +154,11 @@ BROKER_SESSION = r"""
 import sys
 from mpqueue.broker import Broker
 from mpqueue.journal import Journal
-from mpqueue.protocol import Options, Outcome, Status, Submission
+from mpqueue.protocol import ClientHello, Options, Outcome, Status, Submission, WorkerHello
 
 broker = Broker(journal=Journal(sys.argv[1]))
-broker.register("client", "client", {})
-broker.register("worker", "worker", {"host": "h", "pid": 1, "procs": 1})
+broker.register("client", ClientHello(1, "test"))
+broker.register("worker", WorkerHello("h", 1, 1, {}))
 seq = int(sys.argv[2])
 broker.submit("client", [Submission(seq, b"fn", b"args", False, Options())], {b"fn": b"blob"})
 (task,), _ = broker.fetch("worker", 1, 0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from mpqueue.config import Settings
-from mpqueue.protocol import Options, Outcome, Status, Submission
+from mpqueue.protocol import ClientHello, Options, Outcome, Status, Submission, WorkerHello, WorkerWelcome
 from mpqueue.state import PARKED, BrokerState
 
 SETTINGS = Settings(heartbeat_timeout=10.0, wait_slice=2.0, client_grace=5.0, result_ttl=100.0,
@@ -41,13 +41,13 @@ class Harness:
 
     def client(self, session: str = "c", now: float = 0.0) -> None:
         self.state.connected(session)
-        self.state.register(session, "client", {}, None, now)
+        self.state.register(session, ClientHello(1, "test"), None, now)
         self.settle()
 
-    def worker(self, session: str = "w", now: float = 0.0, **info) -> dict:
+    def worker(self, session: str = "w", now: float = 0.0, **info) -> WorkerWelcome:
         self.state.connected(session)
-        info = {"host": "h", "pid": 7, "procs": 1, **info}
-        answer = self.state.register(session, "worker", info, "addr", now)
+        answer = self.state.register(session, WorkerHello(**{"host": "h", "pid": 7, "procs": 1, "versions": {},
+                                                            **info}), "addr", now)
         self.settle()
         return answer
 

@@ -3,7 +3,7 @@ workers, and what a durable broker writes: the rules, with a fake clock."""
 
 from __future__ import annotations
 
-from mpqueue.protocol import Delivery, Options, Status
+from mpqueue.protocol import ClientHello, ClientWelcome, Delivery, Options, Status
 from mpqueue.state import NOTHING_YET, PARKED, PendingCancel
 
 from .harness import SETTINGS, Harness
@@ -131,7 +131,7 @@ def test_a_client_gone_past_its_grace_is_forgotten_without_a_journal(h):
     assert h.state.status(0.0, 0.0)["clients"] == 1
     h.state.tick(1.1 + SETTINGS.client_grace)
     assert h.state.status(0.0, 0.0)["clients"] == 0
-    assert h.state.register("c", "client", {"resume": True}, None, 10.0) == {"known": False}
+    assert h.state.register("c", ClientHello(1, "test", resume=True), None, 10.0) == ClientWelcome(False)
 
 
 def test_a_rejoining_worker_keeps_its_running_and_finished_jobs_and_gives_back_the_rest(h):
@@ -141,7 +141,7 @@ def test_a_rejoining_worker_keeps_its_running_and_finished_jobs_and_gives_back_t
     h.state.report("w", [], (1, [running.id, finished.id]), 0.0)
     # Its connection broke and it came back (the broker did not restart).
     answer = h.worker("w", now=1.0, broker_id="b1", running=[running.id], finished=[finished.id])
-    assert answer["new"] is False and answer["unknown"] == []
+    assert answer.new is False and answer.unknown == []
     h.worker("w2", now=1.0)
     (again,) = h.fetch("w2", now=1.0)
     assert again.id == prefetched.id and again.attempt == 1     # charged nothing
@@ -160,11 +160,11 @@ def test_a_restarted_broker_leaves_a_rejoining_workers_jobs_with_it():
     assert h.state.restore(stored, 1000.0, 5000.0) == (2, 0, 1)
     h.state.connected("c")
     answer = h.worker("w", now=1000.0, broker_id="journal-id", running=[300, 999])
-    assert answer["unknown"] == [999] and not answer["new"]
+    assert answer.unknown == [999] and not answer.new
     assert [(t.id, t.attempt) for t in h.fetch(now=1000.0)] == [(301, 2)]
     h.report(300, payload=b"ran once", now=1000.0)
     assert [(d.seq, d.attempts) for _, d in h.collect(now=1000.0)] == [(1, 1)]
-    assert h.worker("w9", broker_id="another")["new"] is True
+    assert h.worker("w9", broker_id="another").new is True
 
 
 def test_restored_results_keep_their_age_for_the_ttl():
