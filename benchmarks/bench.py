@@ -616,11 +616,13 @@ def pool_start_mpqueue(problems: list[str]) -> dict:
     return {"first_result_s": first, "total_s": total, "exit_codes": exits}
 
 
-def pool_start_pool() -> dict:
+def _started_pool(what: str, first_result) -> dict:
+    """A multiprocessing.Pool made, ``first_result(pool)`` of abs(-1), closed:
+    the time to the result, and in all."""
     t0 = time.perf_counter()
     pool = multiprocessing.Pool(PROCS)
     try:
-        value = pool.apply(abs, (-1,))
+        value = first_result(pool)
         first = time.perf_counter() - t0
         pool.close()
         pool.join()
@@ -630,26 +632,16 @@ def pool_start_pool() -> dict:
         raise
     total = time.perf_counter() - t0
     if value != 1:
-        raise BenchError("pool start: abs(-1) != 1")
+        raise BenchError(f"{what}: abs(-1) != 1")
     return {"first_result_s": first, "total_s": total}
+
+
+def pool_start_pool() -> dict:
+    return _started_pool("pool start", lambda pool: pool.apply(abs, (-1,)))
 
 
 def cold_pool() -> dict:
-    t0 = time.perf_counter()
-    pool = multiprocessing.Pool(PROCS)
-    try:
-        value = pool.apply_async(abs, (-1,)).get(60)
-        first = time.perf_counter() - t0
-        pool.close()
-        pool.join()
-    except BaseException:
-        pool.terminate()
-        pool.join()
-        raise
-    total = time.perf_counter() - t0
-    if value != 1:
-        raise BenchError("cold start: abs(-1) != 1")
-    return {"first_result_s": first, "total_s": total}
+    return _started_pool("cold start", lambda pool: pool.apply_async(abs, (-1,)).get(60))
 
 
 # -- the table ----------------------------------------------------------------------------
