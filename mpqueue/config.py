@@ -68,7 +68,7 @@ class Settings:
     #: carry (`connection.MAX_MESSAGE`) with a batch's other payloads.
     max_payload: float = 900 * 2**20
     #: 1: a broker on Linux also listens on a local (Unix) socket, which the
-    #: processes on its host use instead of TCP (`handshake`). 0: it does
+    #: processes on its host use instead of TCP (`local`). 0: it does
     #: not, and all traffic crosses TCP (for a proxy in between, say).
     local_socket: float = 1.0
 

@@ -17,7 +17,7 @@ Four departures from a plain ``BaseManager``, and why:
 * Calls made through `Reconnecting` outlive the broker going away: they wait
   for the process to reconnect, and are made again.
 * On Linux the broker also listens on a local (Unix) socket, which processes
-  on its host use instead of TCP (see `handshake`).
+  on its host use instead of TCP (see `local`).
 
 The server runs in the broker's own process (no ``BaseManager.start()``), so
 nothing it serves needs to be picklable under spawn or forkserver. Every
@@ -31,21 +31,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import queue
-import secrets
 import socket
-import sys
 import threading
 import time
 import traceback
 from multiprocessing import managers, util
 from typing import Any, Callable
 
+from . import local
 from .config import SETTINGS, format_address, resolve_tls
 from .connection import tls_context
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
-from .handshake import Client, Refused, accept, peer_pid, process_identity
+from .handshake import Refused, accept
 
 log = logging.getLogger("mpqueue")
 broker_log = logging.getLogger("mpqueue.broker")
@@ -97,7 +95,7 @@ class Listener:
         self._socket.close()
 
 
-managers.listener_client[SERIALIZER] = (Listener, Client)   # type: ignore[attr-defined]  # not in typeshed
+managers.listener_client[SERIALIZER] = (Listener, local.connect)   # type: ignore[attr-defined]  # not in typeshed
 
 
 class BrokerServer(managers.Server):
@@ -112,15 +110,10 @@ class BrokerServer(managers.Server):
         files = resolve_tls()
         self.tls = None if files is None else tls_context(files, server=True)
         super().__init__({}, address, authkey, SERIALIZER)
-        self.local: socket.socket | None = None   # our local socket (`handshake`), if any
-        self.local_offer: list | None = None      # [name, pid, identity], for peers on this host
-        identity = process_identity(os.getpid())
-        if SETTINGS.local_socket and sys.platform.startswith("linux") and identity is not None:
-            name = "mpqueue-" + secrets.token_hex(16)
-            self.local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.local.bind("\0" + name)
-            self.local.listen(512)
-            self.local_offer = [name, os.getpid(), identity]
+        # Our local socket, if any, and its offer to peers on this host (`local`).
+        self.local: socket.socket | None
+        self.local_offer: list | None
+        self.local, self.local_offer = local.listen()
         self.broker = broker
         self.id_to_obj[BROKER_ID] = (broker, BROKER_METHODS, None)
         self.id_to_obj[EVENT_ID] = (broker.shutdown_event, EVENT_METHODS, None)
@@ -191,10 +184,10 @@ class BrokerServer(managers.Server):
     def _handshake(self, sock: socket.socket):
         """Our handshake on a new connection: the authenticated `Connection`,
         or None (refused, or gone)."""
-        local = sock.family == socket.AF_UNIX
+        on_local = sock.family == socket.AF_UNIX
         try:
-            if local:
-                host, peer = "local", f"pid {peer_pid(sock)} on this host"
+            if on_local:
+                host, peer = "local", f"pid {local.peer_pid(sock)} on this host"
             else:
                 address = sock.getpeername()
                 host, peer = address[0], format_address(address)
@@ -202,11 +195,11 @@ class BrokerServer(managers.Server):
             sock.close()
             return None
         try:
-            conn = accept(sock, self.authkey, self.tls, None if local else self.local_offer)
+            conn = accept(sock, self.authkey, self.tls, None if on_local else self.local_offer)
         except Refused as e:
             # A local peer that closes at once found the socket not what it
             # expected (another pid namespace, say), and went to TCP.
-            level = logging.DEBUG if local and e.closed else logging.WARNING
+            level = logging.DEBUG if on_local and e.closed else logging.WARNING
             broker_log.log(level, "refused a connection from %s: %s", peer, e)
             return None
         conn.peer, conn.host = peer, host
@@ -352,7 +345,7 @@ def connect(address: tuple[str, int], authkey: bytes):
     def proxy(cls, ident):
         token = managers.Token(cls.__name__, tuple(address), ident)
         p = cls(token, SERIALIZER, authkey=authkey, incref=False)
-        p._Client = functools.partial(Client, tls=tls)
+        p._Client = functools.partial(local.connect, tls=tls)
         # BaseProxy shares one connection per thread among all proxies to an
         # address; ours each need their own, or two clients in one thread
         # would speak for each other's session.

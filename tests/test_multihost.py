@@ -348,8 +348,8 @@ import os, socket, sys
 from mpqueue import handshake
 host, port = sys.argv[1].rsplit(":", 1)
 address = (host, int(port))
-conn, offered = handshake._handshake(socket.create_connection(address), address,
-                                     os.environ["MPQUEUE_AUTHKEY"].encode(), None)
+conn, offered = handshake.open_connection(socket.create_connection(address), address,
+                                          os.environ["MPQUEUE_AUTHKEY"].encode(), None)
 conn.close()
 print("offered" if offered else "not offered")
 """

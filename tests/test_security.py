@@ -27,7 +27,7 @@ import pytest
 import mpqueue
 from helpers import logs, python
 from mpqueue import Client
-from mpqueue import handshake as wire
+from mpqueue import local as wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VERSIONS = {"mpqueue": mpqueue.__version__, "python": "%d.%d" % sys.version_info[:2],
@@ -403,7 +403,7 @@ def test_whoever_takes_a_gone_brokers_local_socket_name_is_sent_nothing(cluster)
     process that knew it must not take whoever binds it next for the broker:
     it would hand that process its handshake, then its pickles."""
     address, key = host_port(cluster.address), os.environ["MPQUEUE_AUTHKEY"].encode()
-    wire.Client(address, key).close()       # learns the local socket, and uses it
+    wire.connect(address, key).close()       # learns the local socket, and uses it
     name = wire._local_sockets[address][0]
     cluster.broker.kill()
     cluster.broker.wait(10)
@@ -411,7 +411,7 @@ def test_whoever_takes_a_gone_brokers_local_socket_name_is_sent_nothing(cluster)
         squatter.bind("\0" + name)
         squatter.listen(8)
         cluster.start_broker("--port", str(address[1]))
-        wire.Client(address, key).close()   # tries the name it knew, then TCP
+        wire.connect(address, key).close()   # tries the name it knew, then TCP
         squatter.settimeout(5)
         conn = squatter.accept()[0]
         with conn:
