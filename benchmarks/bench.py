@@ -98,7 +98,7 @@ import psutil
 
 import mpqueue
 
-TAG_VAR = "MPQUEUE_BENCH_TAG"
+TAG_VAR = "MPQBENCH_TAG"     # not MPQUEUE_*: mpqueue warns of names it does not know
 TAG = uuid.uuid4().hex
 MPQUEUE = [sys.executable, "-m", "mpqueue"]     # the `mpqueue` command, same interpreter
 PROCS = 2

@@ -29,6 +29,7 @@ from .config import (
     parse_address,
     resolve_authkey,
     resolve_tls,
+    warn_unknown_variables,
 )
 from .errors import ConfigError, MpqueueError
 
@@ -59,6 +60,7 @@ def main() -> None:
     file a broker writes on its host (~/.config/mpqueue/authkey). Anyone with
     the key can run code on the workers: keep it secret.
     """
+    warn_unknown_variables()
     level = os.environ.get("MPQUEUE_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
                         format="%(name)s: %(message)s", stream=sys.stderr)

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator, Sized
 
 from . import __version__
 from .cluster import LocalCluster
-from .config import SETTINGS, format_address, parse_address, resolve_authkey
+from .config import SETTINGS, format_address, parse_address, resolve_authkey, warn_unknown_variables
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
 from .protocol import (
     ClientHello,
@@ -284,10 +284,14 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._client = self
         self._defaults = _options(Options(), "Client()", options)
         self._cluster = None
-        address = address or os.environ.get("MPQUEUE_ADDRESS")
+        warn_unknown_variables()
+        address = address or os.environ.get("MPQUEUE_ADDRESS") or None
         if address is None:
             self._cluster = LocalCluster()
             self.address, authkey = self._cluster.address, self._cluster.authkey
+            log.info("no address given, and $MPQUEUE_ADDRESS is unset: started a private cluster on this "
+                     "host, at %s; to use a broker, pass Client(\"HOST:PORT\") or set MPQUEUE_ADDRESS",
+                     format_address(self.address))
         else:
             self.address, authkey = parse_address(address), resolve_authkey(authkey)
         self.session = uuid.uuid4().hex

@@ -8,10 +8,12 @@ the environment (``MPQUEUE_HEARTBEAT_TIMEOUT=2`` and the like).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import ipaddress
 import os
 import secrets
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -91,13 +93,27 @@ SETTINGS = Settings.from_env()
 
 
 def parse_address(address: str | None) -> tuple[str, int]:
-    """``HOST:PORT`` (or None for ``$MPQUEUE_ADDRESS``, else the default)."""
+    """``HOST:PORT``, ``HOST`` (port 5555) or ``tcp://HOST:PORT``; None means
+    ``$MPQUEUE_ADDRESS``, else the default. An IPv6 address takes brackets
+    (``[::1]:5555``)."""
     if address is None:
         address = os.environ.get("MPQUEUE_ADDRESS") or f"{DEFAULT_HOST}:{DEFAULT_PORT}"
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"address {address!r} is not HOST:PORT")
-    return host.strip("[]") or DEFAULT_HOST, int(port)
+    given = address
+    address = address.strip().removeprefix("tcp://").rstrip("/")
+    if address.startswith("[") and "]" in address:             # [IPv6] or [IPv6]:PORT
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":") if rest.startswith(":") else (None if not rest else "x")
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    elif ":" not in address:
+        host, port = address, None
+    else:                               # a bare IPv6 address and a port, as before
+        host, _, port = address.rpartition(":")
+    if port is None:
+        port = str(DEFAULT_PORT)
+    if not port.isdigit() or int(port) > 65535 or "/" in host:
+        raise ConfigError(f"address {given!r} is not HOST:PORT (or HOST, for port {DEFAULT_PORT})")
+    return host or DEFAULT_HOST, int(port)
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -123,13 +139,19 @@ def resolve_authkey(authkey: bytes | str | None = None, *, create: bool = False)
         return authkey.encode() if isinstance(authkey, str) else bytes(authkey)
     path = authkey_path()
     try:
-        return path.read_bytes().strip()
+        mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         if not create:
             raise ConfigError(
-                f"no authkey: set MPQUEUE_AUTHKEY, or start `mpqueue broker` on this "
-                f"host, which writes one to {path}"
-            ) from None
+                f"no authkey: copy the key file from the broker's host (`scp -p BROKERHOST:"
+                f"~/.config/mpqueue/authkey {path}`) or set MPQUEUE_AUTHKEY to the same key; on "
+                "the broker's host, `mpqueue broker` writes one") from None
+    else:
+        if mode & 0o077:
+            # Like ssh with a private key: whoever reads it can run code on every worker.
+            raise ConfigError(f"the key file {path} is readable by others (mode {mode:04o}): "
+                              f"run `chmod 600 {path}`")
+        return path.read_bytes().strip()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_hex(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -148,6 +170,24 @@ def is_loopback(host: str) -> bool:
 
 
 TLS_VARIABLES = {"cert": "MPQUEUE_TLS_CERT", "key": "MPQUEUE_TLS_KEY", "ca": "MPQUEUE_TLS_CA"}
+#: The other variables mpqueue reads, beside SETTINGS' MPQUEUE_<FIELD> ones.
+OTHER_VARIABLES = ("MPQUEUE_ADDRESS", "MPQUEUE_AUTHKEY", "MPQUEUE_LOG_LEVEL", *TLS_VARIABLES.values())
+_warned_unknown = False
+
+
+def warn_unknown_variables() -> None:
+    """Say once per process, on stderr, which ``$MPQUEUE_*`` variables are none
+    of ours: a misspelt ``MPQUEUE_ADRESS`` would otherwise be ignored without a word."""
+    global _warned_unknown
+    if _warned_unknown:
+        return
+    _warned_unknown = True
+    known = {*OTHER_VARIABLES, *("MPQUEUE_" + field.name.upper() for field in dataclasses.fields(Settings))}
+    for name in sorted(os.environ):
+        if name.startswith("MPQUEUE_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            sys.stderr.write(f"mpqueue: ignoring {name}, which is no setting of mpqueue's"
+                             + (f": did you mean {close[0]}?\n" if close else "\n"))
 
 
 @dataclasses.dataclass(frozen=True)

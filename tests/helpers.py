@@ -19,7 +19,7 @@ import psutil
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-TAG = "MPQUEUE_TEST_TAG"
+TAG = "MPQTEST_TAG"     # not MPQUEUE_*: mpqueue warns of names it does not know
 
 
 def wait_for_file(path: Path, value=None):

@@ -122,8 +122,12 @@ def test_client_without_a_broker_fails_fast(empty):
 
 
 def test_commands_reject_a_bad_address(empty):
-    result = empty.run("status", "nonsense")
+    result = empty.run("status", "nonsense:port")
     assert result.returncode != 0 and "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
+    # A host alone means port 5555; a name that does not resolve fails at once, in one line.
+    result = empty.run("status", "no-such-host.invalid")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("Error: cannot reach the broker at no-such-host.invalid:5555: ")
 
 
 def test_address_comes_from_the_environment(cluster, monkeypatch):
@@ -140,3 +144,16 @@ def test_demo_runs_real_work(empty):
     result = empty.run("demo", "--jobs", "4", "--size", "2000", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "faster" in result.stdout and "4 jobs" in result.stdout
+
+
+def test_a_misspelt_variable_and_a_key_file_others_can_read_say_so(empty, monkeypatch, tmp_path):
+    monkeypatch.delenv("MPQUEUE_AUTHKEY")
+    key = tmp_path / "config" / "mpqueue" / "authkey"
+    key.parent.mkdir(parents=True)
+    key.write_text("a-key\n")
+    key.chmod(0o644)
+    result = empty.run("status", "127.0.0.1:1", env={"MPQUEUE_ADRESS": "127.0.0.1:1"})
+    assert result.returncode == 1
+    assert "ignoring MPQUEUE_ADRESS, which is no setting of mpqueue's: did you mean MPQUEUE_ADDRESS?" \
+        in result.stderr
+    assert f"run `chmod 600 {key}`" in result.stderr and "Traceback" not in result.stderr

@@ -192,6 +192,15 @@ def test_local_client_runs_jobs_and_leaves_no_process(isolated):
     assert not tagged_processes(isolated)
 
 
+def test_a_private_cluster_says_so_at_info(isolated, caplog):
+    """No address and no $MPQUEUE_ADDRESS: not a silent local fallback."""
+    with caplog.at_level("INFO", logger="mpqueue.client"):
+        with Client() as client:
+            assert client.submit(abs, -1).result(30) == 1
+    said = [r.getMessage() for r in caplog.records if "private cluster" in r.getMessage()]
+    assert len(said) == 1 and "set MPQUEUE_ADDRESS" in said[0]
+
+
 def test_public_api_is_small():
     assert set(mpqueue.__all__) == {
         "Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
