@@ -229,9 +229,24 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
 @main.command()
 @click.argument("address", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--wide", is_flag=True, help="Every column: pid, timed out, retried, versions.")
 @_tls_options
-def status(address: str | None, as_json: bool) -> None:
-    """Show the broker's workers and job counts."""
+def status(address: str | None, as_json: bool, wide: bool) -> None:
+    """Show the broker's workers and job counts.
+
+    \b
+    ADDRESS: HOST:PORT, HOST (port 5555) or tcp://HOST:PORT of the broker
+    [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]. The key: $MPQUEUE_AUTHKEY,
+    else ~/.config/mpqueue/authkey.
+
+    \b
+    Columns, one row per worker (the table fits 80 columns; --wide adds more):
+      WORKER   its id              HOST     its host name (cut to 12)
+      ADDRESS  the IP address it connected from ("local": the broker's host)
+      RUN      jobs running / processes     QUEUED  jobs it holds, not started
+      DONE, FAILED  jobs it finished        LOST    deaths charged to its jobs
+      SEEN     since it last reported (every second, even when idle)
+    """
     from .transport import connect
 
     addr = parse_address(address)
@@ -244,19 +259,37 @@ def status(address: str | None, as_json: bool) -> None:
     click.echo(f"broker {format_address(addr)}: {info['queued']} queued, {info['running']} running, "
                f"{info['done']} done, {info['failed']} failed; {info['clients']} client(s)"
                + ("; shutting down" if info["shutting_down"] else ""))
-    columns = ("id", "host", "address", "pid", "procs", "running", "queued", "done", "failed",
-               "timed_out", "retried", "lost", "version", "python", "cloudpickle", "last_seen")
-    optional = ("address", "version", "python", "cloudpickle")
-    rows = [[str(w.get(c) or "-") if c in optional else str(w[c]) for c in columns[:-1]]
-            + [f"{max(0.0, time.time() - w['last_seen']):.1f}s ago"]
-            for w in info["workers"]]
-    if not rows:
+    if not info["workers"]:
         click.echo("no workers")
         return
-    header = [c.upper().replace("_", " ") for c in columns]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(columns))]
-    for row in [header] + rows:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    click.echo(_worker_table(info["workers"], wide))
+
+
+def _worker_table(workers: list[dict], wide: bool) -> str:
+    """The workers of `status`, one row each: 80 columns, or every field."""
+    def seen(w: dict) -> str:
+        return f"{max(0.0, time.time() - w['last_seen']):.1f}s"
+
+    columns: list[tuple[str, Callable[[dict], object]]] = [
+        ("WORKER", lambda w: w["id"]),
+        ("HOST", lambda w: w["host"] if wide or len(w["host"]) <= 12 else w["host"][:11] + "~"),
+        ("ADDRESS", lambda w: w.get("address") or "-"),
+        ("RUN", lambda w: f"{w['running']}/{w['procs']}"),
+        ("QUEUED", lambda w: w["queued"]),
+        ("DONE", lambda w: w["done"]),
+        ("FAILED", lambda w: w["failed"]),
+        ("LOST", lambda w: w["lost"]),
+    ]
+    if wide:
+        columns += [("PID", lambda w: w["pid"]), ("TIMED OUT", lambda w: w["timed_out"]),
+                    ("RETRIED", lambda w: w["retried"]), ("VERSION", lambda w: w.get("version") or "-"),
+                    ("PYTHON", lambda w: w.get("python") or "-"),
+                    ("CLOUDPICKLE", lambda w: w.get("cloudpickle") or "-")]
+    columns.append(("SEEN", seen))
+    rows = [[name for name, _ in columns]] + [[str(cell(w)) for _, cell in columns] for w in workers]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
+    return "\n".join(" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
 
 
 @main.command()

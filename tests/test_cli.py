@@ -46,7 +46,15 @@ def test_status_shows_workers_as_table_and_json(cluster):
     cluster.start_worker(2)
     table = cluster.run("status", cluster.address)
     assert table.returncode == 0
-    assert "HOST" in table.stdout and socket.gethostname() in table.stdout
+    assert "HOST" in table.stdout and socket.gethostname()[:11] in table.stdout
+    # Narrow by default: a worker's row fits an 80-column terminal.
+    header, row = table.stdout.splitlines()[1:]
+    assert header.split() == ["WORKER", "HOST", "ADDRESS", "RUN", "QUEUED", "DONE", "FAILED", "LOST", "SEEN"]
+    assert max(len(header), len(row)) <= 80 and row.split()[3] == "0/2"
+    wide = cluster.run("status", cluster.address, "--wide").stdout.splitlines()[1]
+    assert {"PID", "TIMED", "RETRIED", "VERSION"} <= set(wide.split())
+    help_text = cluster.run("status", "--help").stdout
+    assert "MPQUEUE_ADDRESS" in help_text and "LOST" in help_text and "--wide" in help_text
     info = json.loads(cluster.run("status", cluster.address, "--json").stdout)
     assert {"workers", "queued", "running", "done", "failed"} <= set(info)
     assert set(info["workers"][0]) >= {"id", "host", "pid", "procs", "running", "done", "failed", "last_seen"}
