@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -136,13 +137,27 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
         elif not loopback:
             broker_log.warning(
                 "listening on %s without TLS: the traffic is not encrypted (see --tls-cert)", host)
-        click.echo(f"mpqueue broker {__version__} listening on {format_address(address)}")
+        line = f"mpqueue broker {__version__} listening on {format_address(address)}"
+        if host in ("0.0.0.0", "::", ""):      # every address: none of them to give a worker as such
+            reachable = ", ".join(f"{ip}:{address[1]}" for ip in _host_addresses())
+            line += (f" (workers reach it at {reachable})" if reachable
+                     else " (this host has no address but loopback)")
+        click.echo(line)
 
     settings = SETTINGS if result_ttl is None else dataclasses.replace(SETTINGS, result_ttl=result_ttl)
     try:
         _serve_broker((host, port), authkey, ready, settings, journal)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _host_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback aside: where a broker listening on
+    every address can be reached from elsewhere."""
+    import psutil
+
+    return [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
+            if a.family == socket.AF_INET and not a.address.startswith("127.")]
 
 
 def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],

@@ -24,6 +24,8 @@ class BrokerUnavailable(MpqueueError, ConnectionError):
     #: True when the broker is up and said something another try would not
     #: change: a reconnect stops at once.
     final: bool = False
+    #: True when the broker's host name did not resolve.
+    unresolved: bool = False
 
 
 class AuthenticationError(BrokerUnavailable, multiprocessing.AuthenticationError):

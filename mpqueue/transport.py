@@ -40,7 +40,7 @@ from multiprocessing import managers, util
 from typing import Any, Callable
 
 from . import local
-from .config import SETTINGS, format_address, resolve_tls
+from .config import SETTINGS, format_address, is_loopback, resolve_tls
 from .connection import tls_context
 from .errors import AuthenticationError, BrokerUnavailable, MpqueueError
 from .handshake import Refused, accept
@@ -302,10 +302,7 @@ class _Proxy(managers.BaseProxy):
             raise       # a refusal in our handshake (Client): it says what is wrong
         except (OSError, EOFError) as e:
             self._drop_connection()
-            reason = (e.strerror if isinstance(e, OSError) and e.strerror
-                      else "the connection closed" if isinstance(e, EOFError) else type(e).__name__)
-            raise BrokerUnavailable(
-                f"cannot reach the broker at {format_address(self._token.address)}: {reason}") from None
+            raise _unreachable(self._token.address, e) from None
 
     def _drop_connection(self):
         conn = getattr(self._tls, "connection", None)
@@ -316,6 +313,22 @@ class _Proxy(managers.BaseProxy):
     def close(self) -> None:
         """Close this thread's connection to the broker."""
         self._drop_connection()
+
+
+def _unreachable(address: tuple[str, int], error: OSError | EOFError) -> BrokerUnavailable:
+    """Why the broker at ``address`` cannot be reached, with what to check."""
+    host = address[0]
+    reason = (error.strerror if isinstance(error, OSError) and error.strerror
+              else "the connection closed" if isinstance(error, EOFError) else type(error).__name__)
+    hint = ""
+    if isinstance(error, ConnectionRefusedError) and not is_loopback(host):
+        hint = (f"; is a broker listening on {host}? `mpqueue broker` listens on 127.0.0.1 only, "
+                "unless started with --host")
+    elif isinstance(error, TimeoutError):
+        hint = f"; nothing answered: a firewall may be dropping port {address[1]}"
+    unavailable = BrokerUnavailable(f"cannot reach the broker at {format_address(address)}: {reason}{hint}")
+    unavailable.unresolved = isinstance(error, socket.gaierror)
+    return unavailable
 
 
 def _proxy_type(name: str, methods: tuple[str, ...]) -> type:
@@ -355,13 +368,17 @@ def connect(address: tuple[str, int], authkey: bytes):
 
 
 def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.broker_wait,
-                 abandoned: threading.Event | None = None, said: bool = False):
+                 abandoned: threading.Event | None = None, said: bool = False,
+                 reconnecting: bool = False):
     """Make ``first_call()`` succeed, retrying with backoff while the broker is
     not up, until ``wait`` s have passed or ``abandoned`` is set. ``said``:
     the caller has logged that it waits already.
 
     A `BrokerUnavailable` with a true ``final`` attribute is not retried: the
     broker is up, and said something that another try would not change.
+    Nor, unless ``reconnecting`` (to a broker reached before: the name
+    resolved then, and the resolver may be down a moment), is a host name
+    that does not resolve: it is a mistake to say at once, not to wait out.
     """
     deadline = time.monotonic() + wait
     delay = 0.05
@@ -371,7 +388,7 @@ def reach_broker(address: tuple[str, int], first_call, wait: float = SETTINGS.br
         except AuthenticationError:
             raise
         except BrokerUnavailable as e:
-            if e.final:
+            if e.final or (e.unresolved and not reconnecting):
                 raise
             if time.monotonic() + delay > deadline or (abandoned is not None and abandoned.is_set()):
                 raise BrokerUnavailable(
@@ -456,7 +473,8 @@ class Reconnecting:
             if self._abandoned.is_set():
                 raise BrokerUnavailable(stopping)
             log.warning("%s; reconnecting for up to %.0f s", error, self._timeout)
-            reach_broker(self.address, self._rejoin, self._timeout, self._abandoned, said=True)
+            reach_broker(self.address, self._rejoin, self._timeout, self._abandoned, said=True,
+                         reconnecting=True)
             log.info("reconnected to the broker at %s", where)
         except AuthenticationError as e:
             failure = e

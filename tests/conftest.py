@@ -59,6 +59,7 @@ class Cluster:
                                  stdout=subprocess.PIPE, env=env)
         line = read_line(self.broker.stdout, 15)
         assert "listening on" in line, line
+        self.broker_line = line
         self.address = line.rsplit("listening on", 1)[1].split()[0]
         return self.address
 

@@ -132,10 +132,15 @@ def test_client_without_a_broker_fails_fast(empty):
 def test_commands_reject_a_bad_address(empty):
     result = empty.run("status", "nonsense:port")
     assert result.returncode != 0 and "HOST:PORT" in result.stderr and "Traceback" not in result.stderr
-    # A host alone means port 5555; a name that does not resolve fails at once, in one line.
-    result = empty.run("status", "no-such-host.invalid")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("Error: cannot reach the broker at no-such-host.invalid:5555: ")
+
+
+def test_a_broker_on_every_address_says_which_ones_workers_can_use(empty):
+    """`listening on 0.0.0.0:P` is no address to give a worker."""
+    address = empty.start_broker("--host", "0.0.0.0")
+    port = address.rsplit(":", 1)[1]
+    said = empty.broker_line.split("listening on 0.0.0.0:" + port, 1)[1].strip()
+    assert said.startswith(("(workers reach it at ", "(this host has no address but loopback)")), said
+    assert "127.0.0.1" not in said and f":{port}" in said or "no address" in said
 
 
 def test_address_comes_from_the_environment(cluster, monkeypatch):

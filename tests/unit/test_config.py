@@ -60,3 +60,40 @@ def test_an_unknown_mpqueue_variable_is_warned_of_once(monkeypatch, capsys):
     config.warn_unknown_variables()
     assert capsys.readouterr().err == (
         "mpqueue: ignoring MPQUEUE_ADRESS, which is no setting of mpqueue's: did you mean MPQUEUE_ADDRESS?\n")
+
+
+# -- unreachable brokers: what to check (no traffic: the errors are made here) ----------
+
+def test_a_refused_connection_to_another_host_hints_at_host():
+    from mpqueue.transport import _unreachable
+    error = _unreachable(("10.0.0.5", 5555), ConnectionRefusedError(111, "Connection refused"))
+    assert str(error) == ("cannot reach the broker at 10.0.0.5:5555: Connection refused; is a broker "
+                          "listening on 10.0.0.5? `mpqueue broker` listens on 127.0.0.1 only, unless "
+                          "started with --host")
+    assert "--host" not in str(_unreachable(("127.0.0.1", 5555), ConnectionRefusedError(111, "refused")))
+
+
+def test_a_timeout_hints_at_a_firewall():
+    from mpqueue.transport import _unreachable
+    assert str(_unreachable(("10.0.0.5", 5555), TimeoutError("timed out"))).endswith(
+        "nothing answered: a firewall may be dropping port 5555")
+
+
+def test_a_name_that_does_not_resolve_fails_at_once_but_not_in_a_reconnect():
+    import socket
+    import time
+
+    from mpqueue.transport import _unreachable, reach_broker
+    calls = []
+
+    def first_call():
+        calls.append(1)
+        raise _unreachable(("nowhere", 5555), socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    started = time.monotonic()
+    with pytest.raises(Exception, match="Name or service not known"):
+        reach_broker(("nowhere", 5555), first_call, wait=30)
+    assert len(calls) == 1 and time.monotonic() - started < 1
+    with pytest.raises(Exception, match="after 0 s"):
+        reach_broker(("nowhere", 5555), first_call, wait=0.2, reconnecting=True)
+    assert len(calls) > 2       # a resolver down a moment: tried again
