@@ -298,8 +298,12 @@ class _Proxy(managers.BaseProxy):
         except (KeyboardInterrupt, SystemExit):
             self._drop_connection()     # a call cut short leaves it mid-message
             raise
-        except MpqueueError:
-            raise       # a refusal in our handshake (Client): it says what is wrong
+        except MpqueueError as e:
+            # A refusal in our handshake: it says what is wrong. It came up
+            # while the stdlib handled finding no connection for this thread
+            # yet, an AttributeError of its internals a traceback need not show.
+            e.__suppress_context__ = True
+            raise
         except (OSError, EOFError) as e:
             self._drop_connection()
             raise _unreachable(self._token.address, e) from None

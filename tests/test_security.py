@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import cloudpickle
@@ -26,7 +27,7 @@ import pytest
 
 import mpqueue
 from helpers import logs, python
-from mpqueue import Client
+from mpqueue import AuthenticationError, Client
 from mpqueue import local as wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -436,3 +437,12 @@ def test_the_local_socket_is_trusted_only_if_its_holder_is_the_broker_itself(clu
     assert wire._connect_local((name, pid, identity + "0"), address, key, None) is None
     time.sleep(0.5)
     assert "refused" not in logs(cluster.broker)     # it closed at once: no warning for that
+
+
+def test_a_wrong_key_traceback_shows_no_internals_of_ours(cluster):
+    """The client's error, printed as Python prints it, is our one refusal:
+    no chained AttributeError from the stdlib's per-thread connection lookup."""
+    with pytest.raises(AuthenticationError) as info:
+        Client(cluster.address, authkey="not-the-key")
+    printed = "".join(traceback.format_exception(info.value))
+    assert "ForkAwareLocal" not in printed and "During handling" not in printed
