@@ -217,6 +217,17 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
            max_memory_per_child: int | None, reconnect_timeout: float | None, lifeline: bool) -> None:
     """Run jobs from the broker at ADDRESS in a pool of processes.
 
+    \b
+    ADDRESS: HOST:PORT, HOST (port 5555) or tcp://HOST:PORT of the broker
+    [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]. At start the worker
+    waits up to 30 s ($MPQUEUE_BROKER_WAIT) for a broker that is not up yet.
+    The key: $MPQUEUE_AUTHKEY, else ~/.config/mpqueue/authkey, which must be
+    the broker's (copy it from the broker's host with scp -p).
+
+    Jobs whose functions come from your own modules import them here: the
+    directory the worker is started in comes first on sys.path (as with
+    `python -m`), then $PYTHONPATH.
+
     Stops on `mpqueue shutdown`, or on SIGTERM/Ctrl-C: the first is a warm stop
     (running jobs finish), a second a cold stop (running jobs are killed and go
     back to the queue). Either way no job is lost.
@@ -313,7 +324,9 @@ def _worker_table(workers: list[dict], wide: bool) -> str:
 def shutdown(address: str | None) -> None:
     """Stop the cluster: workers finish running jobs and exit, then the broker.
 
-    Jobs still queued fail at their clients with ClusterShutdown.
+    Jobs still queued fail at their clients with ClusterShutdown. ADDRESS and
+    the key are found as for `mpqueue status` [default: $MPQUEUE_ADDRESS, else
+    127.0.0.1:5555; $MPQUEUE_AUTHKEY, else ~/.config/mpqueue/authkey].
     """
     from .transport import connect
 

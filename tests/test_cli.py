@@ -32,6 +32,12 @@ def test_every_command_has_useful_help(empty, command):
     assert result.returncode == 0
     assert "Usage: mpqueue" in result.stdout
     assert len(result.stdout.splitlines()) > 5
+    if command in (["worker"], ["status"], ["shutdown"]):
+        # Where the address and the key come from, and the defaults.
+        assert "$MPQUEUE_ADDRESS" in result.stdout and "127.0.0.1:5555" in result.stdout
+        assert "$MPQUEUE_AUTHKEY" in result.stdout and "authkey" in result.stdout
+    if command == ["worker"]:
+        assert "sys.path" in result.stdout and "30 s" in result.stdout
 
 
 @pytest.mark.parametrize("script", ["broker.py", "worker.py"])
