@@ -86,7 +86,9 @@ class _FunctionCache:
     def __init__(self, size: int = 128):
         self._entries: OrderedDict[int, tuple[Callable[[], Any], bytes, bytes]] = OrderedDict()
         self._size = size
-        self._lock = threading.Lock()
+        # Reentrant: a weak reference's callback (`_drop`) can run in this
+        # thread, from a garbage collection, while it holds the lock in `get`.
+        self._lock = threading.RLock()
 
     def get(self, fn: Callable) -> tuple[bytes, bytes]:
         with self._lock:
