@@ -40,7 +40,11 @@ class LocalCluster:
 
     They get a fresh random authkey, listen on loopback only, and hold a pipe
     from this process on their stdin: should this process die without
-    stopping them, they see the pipe close and exit.
+    stopping them, they see the pipe close and exit. They run in a session
+    of their own: Ctrl-C in the terminal signals its foreground process
+    group, and they must not take it as theirs (the broker would stop at
+    once, under a client still using it); the client decides what Ctrl-C
+    means, and stops them.
     """
 
     def __init__(self, procs: int | None = None):
@@ -72,7 +76,7 @@ class LocalCluster:
             raise BrokerUnavailable(f"the local broker did not start: {line.strip() or 'no output'}")
 
     def _start(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, **kwargs)
+        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, start_new_session=True, **kwargs)
         self.processes.append(process)
         return process
 
