@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -197,10 +199,21 @@ class JobFuture(concurrent.futures.Future):
         return self._client._withdraw([self], force=False)[0]
 
     def result(self, timeout: float | None = None) -> Any:
-        return super().result(self._collect_within(timeout))
+        try:
+            return super().result(self._collect_within(timeout))
+        except KeyboardInterrupt:
+            if not self._client._interrupted():
+                raise
+        # A fresh one, outside the handler: no traceback of our waits, nor chained to it.
+        raise KeyboardInterrupt
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return super().exception(self._collect_within(timeout))
+        try:
+            return super().exception(self._collect_within(timeout))
+        except KeyboardInterrupt:
+            if not self._client._interrupted():
+                raise
+        raise KeyboardInterrupt
 
     def _collect_within(self, timeout: float | None) -> float | None:
         """Collect our result in this thread, within ``timeout``; returns
@@ -346,7 +359,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         if error is not None:
             raise error
         if self._slots is not None:
-            self._slots.acquire()
+            self._take_slot()
         with self._lock:
             if self._closed or self._failure is not None:
                 if self._slots is not None:
@@ -385,6 +398,17 @@ class Client(_Submitter, concurrent.futures.Executor):
             concurrent.futures.Future.cancel(future)
             raise
         return future
+
+    def _take_slot(self) -> None:
+        """Wait for one of ``max_pending``'s slots: a feeding loop spends its
+        time here, where Ctrl-C then comes (`_interrupted`)."""
+        try:
+            self._slots.acquire()       # type: ignore[union-attr]  # only with max_pending
+            return
+        except KeyboardInterrupt:
+            if not self._interrupted():
+                raise
+        raise KeyboardInterrupt
 
     def _check_open(self) -> None:
         if self._failure is not None:
@@ -470,8 +494,80 @@ class Client(_Submitter, concurrent.futures.Executor):
                 self._withdraw(pending, force=False)
             except BrokerUnavailable:
                 pass    # the collector fails them
-        if wait:
+        if not wait:
+            return
+        try:
             self._collector.join()
+            return
+        except KeyboardInterrupt:
+            if not self._interrupted():
+                raise
+        raise KeyboardInterrupt
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """`shutdown(wait=True)`; but a block left by Ctrl-C (met outside this
+        client's waits: in `as_completed`, say) first stops the jobs, as a
+        Ctrl-C in a wait does (`_interrupted`)."""
+        if exc_type is None or not issubclass(exc_type, KeyboardInterrupt):
+            self.shutdown(wait=True)
+            return
+        self._interrupted()
+        try:
+            self.shutdown(wait=True)
+        except KeyboardInterrupt:
+            pass    # pressed again: nothing of ours is left to wait for, and one KeyboardInterrupt is on its way
+
+    # -- Ctrl-C -------------------------------------------------------------------
+
+    def _interrupted(self) -> bool:
+        """Ctrl-C came while the main thread waited on this client: stop its
+        jobs as a user expects. Returns True for the caller to raise a
+        KeyboardInterrupt of its own; False if it is not ours to handle (not
+        the main thread, or the program handles SIGINT itself).
+
+        The first Ctrl-C withdraws every job of this client not running yet,
+        in one call, says so on one line on stderr, and waits for the running
+        ones to end. A second one, meanwhile, stops them (as `cancel` with
+        ``force``), says so, and returns at once. While the broker handles
+        either call, a Ctrl-C is held until it answers (`_holding_ctrl_c`): a
+        call cut short would leave us not knowing what it withdrew.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return False
+        try:
+            with _holding_ctrl_c():
+                pending = self._pending()
+                withdrawn = self._withdraw_quietly(pending, force=False)
+                running = [f for f in pending if not f.done()]
+                if withdrawn or running:
+                    line = f"withdrew {withdrawn} queued job{'s' * (withdrawn != 1)}"
+                    if running:
+                        line += f"; {len(running)} running will finish; Ctrl-C again to stop them"
+                    _say(line)
+            concurrent.futures.wait(running)
+        except KeyboardInterrupt:
+            try:
+                with _holding_ctrl_c():
+                    stopped = self._withdraw_quietly(self._pending(), force=True)
+                    _say(f"stopped {stopped} running job{'s' * (stopped != 1)}")
+            except KeyboardInterrupt:
+                pass    # pressed yet again: out at once, as asked
+        return True
+
+    def _pending(self) -> list[JobFuture]:
+        with self._lock:
+            return [f for f in self._futures.values() if not f.done()]
+
+    def _withdraw_quietly(self, futures: list[JobFuture], force: bool) -> int:
+        """`_withdraw`, for a Ctrl-C: how many were withdrawn; none if the
+        broker is gone (the collect thread fails the futures then)."""
+        if not futures or self._failure is not None:
+            return 0
+        try:
+            return sum(self._withdraw(futures, force))
+        except MpqueueError:
+            return 0
 
     # -- threads ------------------------------------------------------------------
 
@@ -739,5 +835,42 @@ def _source_finder(fn: Callable | None) -> Callable[[str], str | None]:
 
 def _shutdown_at_exit(method: weakref.WeakMethod) -> None:
     shutdown = method()
-    if shutdown is not None:
+    if shutdown is None:
+        return
+    if isinstance(getattr(sys, "last_exc", getattr(sys, "last_value", None)), KeyboardInterrupt):
+        # The program ends on a Ctrl-C met outside this client's waits (in
+        # `as_completed`, say, with no `with` block): its queued jobs are no
+        # more wanted than if it had come in `result()`.
+        shutdown.__self__._interrupted()
+    try:
         shutdown()
+    except KeyboardInterrupt:
+        pass    # pressed while we wait: shutdown has stopped the jobs, and the program is ending
+
+
+@contextlib.contextmanager
+def _holding_ctrl_c() -> Iterator[None]:
+    """Hold a Ctrl-C until the block ends, then raise it: for a call to the
+    broker that must not be cut short (its connection would be dropped
+    mid-call, and what the call did left unknown). A second press raises at
+    once: the call may be waiting out a reconnect, and the user means it.
+    Main thread only, with Python's own handler in place (`_interrupted`)."""
+    presses = 0
+
+    def hold(signum, frame):
+        nonlocal presses
+        presses += 1
+        if presses > 1:
+            raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if presses:
+        raise KeyboardInterrupt
+
+
+def _say(line: str) -> None:
+    """One line on stderr for the user at the terminal, whatever logging is set to."""
+    print(line, file=sys.stderr, flush=True)
