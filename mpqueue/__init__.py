@@ -16,6 +16,7 @@ from .errors import (
     BrokerUnavailable,
     ClusterShutdown,
     ConfigError,
+    EnvironmentMismatch,
     JobTimeout,
     MpqueueError,
     PayloadTooLarge,
@@ -26,7 +27,7 @@ from .errors import (
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
            "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",
-           "PayloadTooLarge", "RemoteError", "__version__"]
+           "PayloadTooLarge", "EnvironmentMismatch", "RemoteError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -187,12 +187,19 @@ class Broker:
 
     # -- jobs ---------------------------------------------------------------
 
-    def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes], *,
-               caller: Caller | None = None) -> None:
-        """Queue jobs. ``functions`` holds the pickled function of every digest they use."""
+    def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes],
+               code: dict[bytes, bytes] | None = None, *, caller: Caller | None = None) -> None:
+        """Queue jobs. ``functions`` holds the pickled function of every digest
+        they use; ``code``, the bundles of shipped code they need that the
+        client has not sent before (`shipping`)."""
         with self._changing() as state:
             self._bind(caller, session, state)
-            state.submit(session, submissions, functions, time.monotonic())
+            state.submit(session, submissions, functions, time.monotonic(), code)
+
+    def code(self, key: bytes, *, caller: Caller | None = None) -> bytes | None:
+        """A bundle of shipped code, for a worker that lacks it; None if unknown."""
+        with self._lock:
+            return self._state.code(key)
 
     def fetch(self, session: str, max_jobs: int, wait: float, *, caller: Caller | None = None) -> Any:
         """Lease up to ``max_jobs`` jobs to a worker; with none queued, park the
@@ -205,12 +212,13 @@ class Broker:
             return self._parked(state.fetch(session, caller and caller.reply, max_jobs, wait,
                                             time.monotonic()), caller)
 
-    def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]], *,
-               caller: Caller | None = None) -> None:
-        """A worker's finished jobs, and (version, ids) of the jobs its children run now."""
+    def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
+               packages: dict[str, str | None] | None = None, *, caller: Caller | None = None) -> None:
+        """A worker's finished jobs, (version, ids) of the jobs its children run
+        now, and its versions of packages jobs asked for, when new."""
         with self._changing() as state:
             self._bind(caller, session, state)
-            state.report(session, outcomes, running, time.monotonic())
+            state.report(session, outcomes, running, time.monotonic(), packages)
 
     def release(self, session: str, job_ids: list[int], *, caller: Caller | None = None) -> None:
         """A stopping worker gives back jobs it fetched but never started."""

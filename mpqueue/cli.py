@@ -272,6 +272,11 @@ def status(address: str | None, as_json: bool, wide: bool) -> None:
       RUN      jobs running / processes     QUEUED  jobs it holds, not started
       DONE, FAILED  jobs it finished        LOST    deaths charged to its jobs
       SEEN     since it last reported (every second, even when idle)
+
+    \b
+    Then the installed packages jobs needed, and which workers have which
+    version of each ("-": not installed); a job whose worker's version
+    differs from its client's fails with EnvironmentMismatch.
     """
     from .transport import connect
 
@@ -289,6 +294,27 @@ def status(address: str | None, as_json: bool, wide: bool) -> None:
         click.echo("no workers")
         return
     click.echo(_worker_table(info["workers"], wide))
+    packages = _package_table(info["workers"], wide)
+    if packages:
+        click.echo("\n" + packages)
+
+
+def _package_table(workers: list[dict], wide: bool) -> str:
+    """The installed packages jobs asked for, with each worker's version
+    ("-": not installed there): a version that differs stands out."""
+    held: dict[tuple[str, str], list[str]] = {}
+    for w in workers:
+        for dist, version in (w.get("packages") or {}).items():
+            held.setdefault((dist, version or "-"), []).append(w["id"])
+    rows = [["PACKAGE", "VERSION", "WORKERS"]]
+    for (dist, version), ids in sorted(held.items()):
+        everyone = len(ids) == len(workers) and len(workers) > 1
+        shown = "all" if everyone else ", ".join(ids if wide or len(ids) <= 3 else ids[:3] + [f"+{len(ids) - 3}"])
+        rows.append([dist, version, shown])
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(2)] + [0]
+    return "\n".join(" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def _worker_table(workers: list[dict], wide: bool) -> str:

@@ -33,9 +33,10 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import weakref
 from collections import OrderedDict, deque
-from typing import Any, Callable, Iterable, Iterator, Sized
+from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
 from . import __version__
 from .cluster import LocalCluster
@@ -49,13 +50,16 @@ from .protocol import (
     Options,
     Status,
     Submission,
+    Warned,
     batch_length,
     digest,
-    dumps,
+    dumps_noting,
     loads,
     too_large,
     unpack_exception,
+    wrap_function,
 )
+from .shipping import Bundle, Shipper
 from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")
@@ -78,6 +82,10 @@ _UNSET: Any = object()
 class _FunctionCache:
     """Each distinct function is pickled once: by identity, most recent first.
 
+    What travels is the pickle behind a header naming the code to ship with
+    it and the package versions it needs (`shipping`): one per set of
+    modules the job's arguments add to the function's own, most often none.
+
     An entry holds its function weakly where it can (as the stdlib executors
     hold nothing once a job is done): a bound method must not keep its
     object, and whatever that holds, alive. A dead function's entry goes, so
@@ -85,30 +93,40 @@ class _FunctionCache:
     (builtins) are held: they live as long as their module anyway.
     """
 
-    def __init__(self, size: int = 128):
-        self._entries: OrderedDict[int, tuple[Callable[[], Any], bytes, bytes]] = OrderedDict()
+    def __init__(self, shipper: Shipper, size: int = 128):
+        self._shipper = shipper
+        self._entries: OrderedDict[int, tuple[Callable[[], Any], bytes, frozenset[str], dict]] = OrderedDict()
         self._size = size
         # Reentrant: a weak reference's callback (`_drop`) can run in this
         # thread, from a garbage collection, while it holds the lock in `get`.
         self._lock = threading.RLock()
 
-    def get(self, fn: Callable) -> tuple[bytes, bytes]:
+    def get(self, fn: Callable, modules: frozenset[str] = frozenset()) -> tuple[bytes, bytes, Bundle | None]:
+        """``(digest, blob, bundle)`` for ``fn`` with arguments whose pickle
+        names ``modules``: the blob to send, and the code it needs shipped."""
         with self._lock:
             entry = self._entries.get(id(fn))
             if entry is not None and entry[0]() is fn:
                 self._entries.move_to_end(id(fn))
-                return entry[1], entry[2]
-        blob = _pickle("function", fn)
-        key = digest(blob)
-        try:
-            ref: Callable[[], Any] = weakref.ref(fn, functools.partial(self._drop, id(fn)))
-        except TypeError:
-            ref = functools.partial(_same, fn)
+                found = entry[3].get(modules)
+                if found is not None:
+                    return found
+        if entry is None or entry[0]() is not fn:
+            pickled, named = _pickle("function", fn)
+            try:
+                ref: Callable[[], Any] = weakref.ref(fn, functools.partial(self._drop, id(fn)))
+            except TypeError:
+                ref = functools.partial(_same, fn)
+            entry = (ref, pickled, frozenset(named), {})
+        header, bundle = self._shipper.header(entry[2] | modules)
+        blob = wrap_function(header.as_dict(), entry[1])
+        found = entry[3][modules] = (digest(blob), blob, bundle)
         with self._lock:
-            self._entries[id(fn)] = (ref, key, blob)
+            self._entries[id(fn)] = entry
+            self._entries.move_to_end(id(fn))
             if len(self._entries) > self._size:
                 self._entries.popitem(last=False)
-        return key, blob
+        return found
 
     def _drop(self, key: int, ref: weakref.ref) -> None:
         with self._lock:
@@ -121,9 +139,10 @@ def _same(obj: Any) -> Any:
     return obj
 
 
-def _pickle(what: str, obj: Any) -> bytes:
+def _pickle(what: str, obj: Any) -> tuple[bytes, set[str]]:
+    """The pickle, and the modules it names (which the workers must import)."""
     try:
-        return dumps(obj)
+        return dumps_noting(obj)
     except Exception as e:
         import pickle
         raise pickle.PicklingError(f"cannot send the job's {what} to the cluster: {e}") from e
@@ -174,7 +193,7 @@ def _changed(base: Options, timeout: float | None = _UNSET, retries: int = _UNSE
             types = retry_on if isinstance(retry_on, tuple) else (retry_on,)
             if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
                 raise TypeError("retry_on takes an exception class or a tuple of them")
-            changes.update(retry_on=_pickle("retry_on", types),
+            changes.update(retry_on=_pickle("retry_on", types)[0],
                            retry_timeouts=issubclass(JobTimeout, types))
     if priority is not _UNSET:
         if not isinstance(priority, int) or isinstance(priority, bool):
@@ -239,8 +258,7 @@ class _Submitter:
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` on the cluster."""
-        payload = _pickle("arguments", (args, kwargs))
-        return self._client._submit(fn, payload, False, self._defaults)
+        return self._client._submit(fn, _pickle("arguments", (args, kwargs)), False, self._defaults)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, progress: bool = False) -> Iterator:
@@ -288,12 +306,20 @@ class Client(_Submitter, concurrent.futures.Executor):
     at once: `submit` blocks for a free slot. If the broker goes away, the
     client tries to reconnect for ``reconnect_timeout`` seconds (default
     ``$MPQUEUE_RECONNECT_TIMEOUT``, else 60) with its futures still pending.
+
+    Your own modules (not installed packages) that jobs use travel with them
+    (``ship=False``: they don't; a list of module names and directories:
+    those too). A worker whose installed packages differ in version from this
+    process's, for those jobs use, fails them with `EnvironmentMismatch`
+    (``on_mismatch="warn"``: runs them, and warns here; ``"ignore"``). See
+    docs/multihost.md.
+
     The other keywords are default job options, as for `options`.
     """
 
     def __init__(self, address: str | None = None, *, authkey: bytes | str | None = None,
                  max_pending: int | None = None, reconnect_timeout: float | None = None,
-                 **options: Any):
+                 ship: bool | Sequence[str] = True, on_mismatch: str = "raise", **options: Any):
         if max_pending is not None and max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self._client = self
@@ -312,7 +338,10 @@ class Client(_Submitter, concurrent.futures.Executor):
         self.session = uuid.uuid4().hex
         self._max_pending = max_pending
         self._slots = threading.BoundedSemaphore(max_pending) if max_pending else None
-        self._functions = _FunctionCache()
+        self._functions = _FunctionCache(Shipper(ship, on_mismatch))
+        self._bundles: dict[bytes, Bundle] = {}     # function digest -> the code shipped with it
+        self._code_sent: set[bytes] = set()         # bundles the broker has had from us
+        self._warned: set[str] = set()
         self._lock = threading.Condition()     # the collect thread and cancels wait on it
         # The send thread waits here, on the same lock.
         self._to_send = threading.Condition(self._lock)     # type: ignore[arg-type]  # a Condition is a lock
@@ -352,8 +381,10 @@ class Client(_Submitter, concurrent.futures.Executor):
 
     # -- submitting -----------------------------------------------------------
 
-    def _submit(self, fn: Callable, payload: bytes, chunked: bool, options: Options) -> JobFuture:
-        key, blob = self._functions.get(fn)
+    def _submit(self, fn: Callable, arguments: tuple[bytes, set[str]], chunked: bool, options: Options) -> JobFuture:
+        """Queue ``fn`` with ``arguments`` (their pickle, and the modules it names)."""
+        payload, modules = arguments
+        key, blob, bundle = self._functions.get(fn, frozenset(modules) if modules else frozenset())
         self._check_open()
         error = too_large("the job's function and arguments pickle", len(blob) + len(payload), self._max_payload)
         if error is not None:
@@ -369,6 +400,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             future = self._futures[seq] = JobFuture(self, seq, fn)
             if (slots := self._slots) is not None:
                 future.add_done_callback(lambda f: slots.release())
+            if bundle is not None:
+                self._bundles[key] = bundle
             self._outbox.append((Submission(seq, key, payload, chunked, options), blob))
             # A lone submit (not part of a burst: no other job pending, or
             # none submitted for a while) is sent from this thread at once: a
@@ -591,7 +624,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         set). False if it is gone."""
         functions = {sub.fn: blob for sub, blob in batch}
         try:
-            self._link.call(self._broker.submit, self.session, [sub for sub, _ in batch], functions)
+            self._link.call(self._submit_batch, [sub for sub, _ in batch], functions)
             return True
         except MpqueueError as e:
             self._fail(e)
@@ -603,6 +636,17 @@ class Client(_Submitter, concurrent.futures.Executor):
                 if self._outbox or self._closed:
                     self._to_send.notify()
                 self._lock.notify_all()
+
+    def _submit_batch(self, submissions: list[Submission], functions: dict[bytes, bytes]) -> None:
+        """One submit call, with the code its jobs need that this broker has
+        not had from us (all of it again after a reconnect: `_rejoin`)."""
+        code = {}
+        for fn in functions:
+            bundle = self._bundles.get(fn)
+            if bundle is not None and bundle.digest not in self._code_sent:
+                code[bundle.digest] = bundle.zip
+        self._broker.submit(self.session, submissions, functions, code)
+        self._code_sent.update(code)
 
     def _collect_loop(self) -> None:
         kick = False        # whether a thread collecting for itself may wait for what we took
@@ -701,6 +745,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         not sent yet, or in a batch whose sending was cut short, are sent
         after this.)
         """
+        self._code_sent.clear()     # a broker without a journal had none; one with it, no harm
         with self._lock:
             unsent = {sub.seq for sub, _ in self._outbox} | self._in_flight
             pending = [seq for seq in self._futures if seq not in unsent]
@@ -745,7 +790,11 @@ class Client(_Submitter, concurrent.futures.Executor):
         fn, future._fn = future._fn, None     # a done future holds nothing of the job's
         try:
             if delivery.status is Status.OK:
-                future.set_result(loads(delivery.payload))
+                result = loads(delivery.payload)
+                if type(result) is Warned:
+                    self._warn(result.warning)
+                    result = result.value
+                future.set_result(result)
             else:
                 future.set_exception(_failure(delivery, fn))
         except concurrent.futures.InvalidStateError:
@@ -753,6 +802,13 @@ class Client(_Submitter, concurrent.futures.Executor):
         except Exception as e:      # the result would not unpickle here
             future.set_exception(e)
         return True
+
+    def _warn(self, text: str) -> None:
+        """Warn, once per text, of a version difference a job ran with
+        (``on_mismatch="warn"``); as from mpqueue: no line of ours is the cause."""
+        if text not in self._warned:
+            self._warned.add(text)
+            warnings.warn_explicit(f"{text} (ran anyway: on_mismatch='warn')", RuntimeWarning, "mpqueue", 0)
 
     def _fail(self, error: BaseException) -> None:
         """The broker is gone, or refused us: every pending future fails with ``error``."""

@@ -85,6 +85,20 @@ class PayloadTooLarge(MpqueueError, ValueError):
         return _rebuild, (PayloadTooLarge, str(self), self.__dict__)
 
 
+class EnvironmentMismatch(MpqueueError):
+    """A job needs an installed package at the client's version, and its worker
+    has another (or none). ``differences`` holds ``(distribution, client's
+    version, worker's version or None)``; ``host`` is the worker's."""
+
+    def __init__(self, message: str, *, differences: list | None = None, host: str | None = None):
+        super().__init__(message)
+        self.differences = differences or []
+        self.host = host
+
+    def __reduce__(self):
+        return _rebuild, (EnvironmentMismatch, str(self), self.__dict__)
+
+
 def _rebuild(cls, message, state):
     return cls(message, **state)
 

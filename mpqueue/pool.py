@@ -40,9 +40,11 @@ from typing import Any
 
 import psutil
 
+from . import shipping
 from .config import SETTINGS
 from .connection import BadMessage, Connection
-from .protocol import Failure, Outcome, Status, Task, dumps, loads, pack_exception, too_large
+from .errors import EnvironmentMismatch
+from .protocol import Failure, Outcome, Status, Task, Warned, dumps, loads, pack_exception, too_large, unwrap_function
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
@@ -338,24 +340,19 @@ def _child_main(sock: socket.socket) -> None:
 
 def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int) -> tuple[Status, bytes, bool]:
     try:
-        fn = functions.get(task.fn)
-        if fn is None:
-            fn = _load_function(blob)
-            functions[task.fn] = fn
-            if len(functions) > FUNCTION_CACHE:
-                functions.popitem(last=False)
-        else:
-            functions.move_to_end(task.fn)
-        args = loads(task.payload)
+        fn, warning = _function(task.fn, blob, functions)
+        args = _load(task.payload, "arguments")
         if task.chunked:
             result = [fn(*a) for a in args]
         else:
             result = fn(*args[0], **args[1])
+    except EnvironmentMismatch as exc:
+        return Status.ERROR, pack_exception(exc, task.attempt), False   # running it again changes nothing
     except BaseException as exc:
         return Status.ERROR, pack_exception(exc, task.attempt), _retryable(exc, task.retry_on)
     del args
     try:
-        payload = dumps(result)
+        payload = dumps(result if warning is None else Warned(result, warning))
     except BaseException as exc:
         err = pickle.PicklingError(f"cannot pickle the result of the job: {exc}")
         err.__cause__ = exc
@@ -376,11 +373,33 @@ def _retryable(exc: BaseException, retry_on: bytes | None) -> bool:
         return False
 
 
-def _load_function(blob: bytes):
+def _function(key: bytes, blob: bytes, functions: OrderedDict) -> tuple[Any, str | None]:
+    """The job's function, unpickled once per process (most recent first),
+    and the warning to send with its results. The code shipped with it comes
+    first on ``sys.path``, and the package versions it needs are compared."""
+    found = functions.get(key)
+    if found is not None:
+        fn, code, warning = found
+        if not shipping.activate(code):
+            functions.move_to_end(key)
+            return fn, warning
+        functions.clear()       # unpickled from another bundle's modules: dropped
+    header, pickled = unwrap_function(blob)
+    wanted = shipping.Header.from_dict(header)
+    if shipping.activate(wanted.code):
+        functions.clear()
+    warning = shipping.check(wanted)
+    functions[key] = (_load(pickled, "function"), wanted.code, warning)
+    if len(functions) > FUNCTION_CACHE:
+        functions.popitem(last=False)
+    return functions[key][0], warning
+
+
+def _load(pickled: bytes, what: str) -> Any:
     try:
-        return loads(blob)
+        return loads(pickled)
     except ImportError as exc:
         raise type(exc)(
-            f"{exc} (on this worker). Functions from your own modules are pickled by "
-            "reference: install the module where the workers run, or send it by value "
-            "with cloudpickle.register_pickle_by_value(module)", name=exc.name) from exc
+            f"{exc} (on this worker, {socket.gethostname()}, unpickling the job's {what}). Your own "
+            "modules travel with the job; an installed package must be installed on the workers too; "
+            "Client(ship=[...]) ships a module the client has not imported", name=exc.name) from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import json
 import linecache
 import os
 import pickle
@@ -26,6 +27,7 @@ import signal
 import socket
 import sys
 import traceback
+import types
 from typing import Any, Callable, NamedTuple
 
 import cloudpickle
@@ -234,9 +236,19 @@ def _mib(n: int) -> str:
 
 
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle's, refusing what cannot work on another process of the cluster."""
+    """cloudpickle's, refusing what cannot work on another process of the
+    cluster, and noting the modules of the functions, classes and modules it
+    pickles (``modules``): what the other side must import (`shipping`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modules: set[str] = set()
 
     def reducer_override(self, obj):
+        if isinstance(obj, _NAMED):
+            module = obj.__name__ if isinstance(obj, types.ModuleType) else getattr(obj, "__module__", None)
+            if isinstance(module, str):
+                self.modules.add(module)
         managers = sys.modules.get("multiprocessing.managers")     # no proxy without it
         if managers is not None and isinstance(obj, managers.BaseProxy):
             raise TypeError(
@@ -266,10 +278,45 @@ class Wrapper:
         return getattr(self.fn, "__globals__", {})
 
 
+_NAMED = (type, types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+
+
 def dumps(obj: Any) -> bytes:
+    return dumps_noting(obj)[0]
+
+
+def dumps_noting(obj: Any) -> tuple[bytes, set[str]]:
+    """The pickle, and the modules it names (see `_Pickler`)."""
     buffer = io.BytesIO()
-    _Pickler(buffer, protocol=PROTOCOL).dump(obj)
-    return buffer.getvalue()
+    pickler = _Pickler(buffer, protocol=PROTOCOL)
+    pickler.dump(obj)
+    return buffer.getvalue(), pickler.modules
+
+
+_FUNCTION_MAGIC = b"MPQF"
+
+
+def wrap_function(header: dict, pickled: bytes) -> bytes:
+    """A pickled function as it travels: behind a JSON header (`shipping.Header`)
+    that the worker reads without unpickling anything of the user's."""
+    text = json.dumps(header, sort_keys=True).encode()
+    return _FUNCTION_MAGIC + len(text).to_bytes(4, "big") + text + pickled
+
+
+def unwrap_function(blob: bytes) -> tuple[dict, bytes]:
+    """``(header, pickled function)``; a bare pickle (from a journal an older
+    version wrote) has an empty header."""
+    if not blob.startswith(_FUNCTION_MAGIC):
+        return {}, blob
+    end = 8 + int.from_bytes(blob[4:8], "big")
+    return json.loads(blob[8:end]), blob[end:]
+
+
+class Warned(NamedTuple):
+    """A job's result, and a warning for the client to give with it (a
+    package version that differs, with ``on_mismatch="warn"``)."""
+    value: Any
+    warning: str
 
 
 loads = pickle.loads

@@ -114,6 +114,7 @@ class _Worker:
     last_seen: float                # monotonic
     address: str | None = None      # IP address its connection came from
     versions: dict = dataclasses.field(default_factory=dict)    # its mpqueue, Python, cloudpickle
+    packages: dict = dataclasses.field(default_factory=dict)    # its versions of the packages jobs needed
     held: set[int] = dataclasses.field(default_factory=set)     # job ids leased to it
     running: set[int] = dataclasses.field(default_factory=set)  # as of its newest report
     running_version: int = 0
@@ -201,6 +202,7 @@ class BrokerState:
         self._queued = 0
         self._delayed: list[tuple[float, int]] = []    # heap of (due, id): retries backing off
         self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
+        self._code: dict[bytes, bytes] = {}            # digest -> a bundle of shipped code (`shipping`)
         self._workers: dict[str, _Worker] = {}
         self._clients: dict[str, _Client] = {}
         self._ids = itertools.count(first_id)
@@ -216,6 +218,7 @@ class BrokerState:
         self.id = state["id"]
         self._ids = itertools.count(max(state["next_id"], next(self._ids)))
         self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
+        self._code = dict(state.get("code", {}))
         for session, (max_seq, last_number) in state["clients"].items():
             client = self._client(session)
             client.max_seq = max_seq
@@ -518,8 +521,15 @@ class BrokerState:
         return None
 
     def submit(self, session: str, submissions: list[Submission], functions: dict[bytes, bytes],
-               now: float) -> None:
-        """Queue jobs. ``functions`` holds the pickled function of every digest they use."""
+               now: float, code: dict[bytes, bytes] | None = None) -> None:
+        """Queue jobs. ``functions`` holds the pickled function of every digest
+        they use; ``code``, bundles of shipped code they need that the client
+        has not sent before. Bundles are kept as long as the broker runs."""
+        if code:
+            new = {key: data for key, data in code.items() if key not in self._code}
+            self._code.update(new)
+            if new:
+                self._record("code", new)
         client = self._client(session)
         closed = self.closing()
         # A client sends a batch again when its broker went away during
@@ -588,15 +598,22 @@ class BrokerState:
                 size += len(functions[job.task.fn])
         return tasks, functions
 
+    def code(self, key: bytes) -> bytes | None:
+        """A bundle of shipped code, for a worker that lacks it."""
+        return self._code.get(key)
+
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
-               now: float) -> None:
-        """A worker's finished jobs, and (version, ids) of the jobs its children run now.
+               now: float, packages: dict[str, str | None] | None = None) -> None:
+        """A worker's finished jobs, and (version, ids) of the jobs its children
+        run now; ``packages``, its versions of packages jobs asked for, if new.
 
         A result reported twice (sent again after a reconnect, or from a
         worker presumed lost) counts once: the first one wins."""
         worker = self._workers.get(session)
         if worker is not None:
             worker.last_seen = now
+            if packages:
+                worker.packages.update(packages)
             if running[0] >= worker.running_version:
                 worker.running_version, worker.running = running[0], set(running[1])
         for outcome in outcomes:
@@ -937,7 +954,7 @@ class BrokerState:
             "id": w.id, "host": w.host, "address": w.address, "pid": w.pid, "procs": w.procs,
             "running": len(w.running), "queued": len(w.held - w.running),
             "done": w.done, "failed": w.failed, "lost": w.lost,
-            "timed_out": w.timed_out, "retried": w.retried, **w.versions,
+            "timed_out": w.timed_out, "retried": w.retried, **w.versions, "packages": dict(w.packages),
             "last_seen": wall - (now - w.last_seen),
         } for w in self._workers.values()]
         return {

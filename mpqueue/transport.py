@@ -53,7 +53,7 @@ BROKER_ID = "broker"
 EVENT_ID = "shutdown_event"
 
 BROKER_METHODS = ("register", "unregister", "fetch", "report", "release", "control",
-                  "submit", "cancel", "collect", "goodbye", "status")
+                  "submit", "code", "cancel", "collect", "goodbye", "status")
 EVENT_METHODS = ("is_set", "set", "wait")
 
 #: What a broker method returns for a call it parked: its answer is sent later.

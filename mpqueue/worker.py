@@ -36,14 +36,15 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 
 from . import __version__
 from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .handshake import VERSIONS
 from .pool import ProcessPool
-from .protocol import WorkerHello, batch_length
+from .protocol import WorkerHello, batch_length, unwrap_function
+from .shipping import Header, bundle_path, installed, store
 from .transport import Reconnecting, connect, reach_broker
 
 log = logging.getLogger("mpqueue.worker")
@@ -96,6 +97,9 @@ class Worker:
         self._drop_on_arrival: set[int] = set()   # withdrawn while on their way to us
         self._finished: deque = deque(maxlen=4096)  # ids of recently finished jobs
         self._solo: set[int] = set()        # in a batch whose child died: run alone
+        self._prepared: OrderedDict[bytes, None] = OrderedDict()  # functions whose code is here (`_prepare`)
+        self._packages: dict[str, str | None] = {}      # this host's versions of packages jobs asked for
+        self._packages_new: dict[str, str | None] = {}  # of those, the ones the broker has not heard of
         self._stop = Stop.NONE
         self._stopped = threading.Event()   # set with _stop: ends the wait for a broker at start
         self._reporting = False
@@ -228,18 +232,21 @@ class Worker:
             self._running = (self._running[0] + 1, ids)
 
     def _report_now(self, outcomes: list, running: tuple[int, list[int]]) -> None:
-        broker_id = self._broker_id
+        with self._lock:
+            broker_id = self._broker_id
+            packages, self._packages_new = self._packages_new, {}
         try:
-            self.broker.report(self.id, outcomes, running)
+            self.broker.report(self.id, outcomes, running, packages or None)
         except BrokerUnavailable:
-            self._hold(outcomes, broker_id)     # the report thread delivers them after a reconnect
+            self._hold(outcomes, broker_id, packages)   # the report thread delivers them after a reconnect
 
-    def _hold(self, outcomes: list, broker_id: str | None) -> None:
-        """Keep outcomes a report could not deliver, unless they are for a
-        broker that is gone for good (we rejoined a new one meanwhile)."""
+    def _hold(self, outcomes: list, broker_id: str | None, packages: dict) -> None:
+        """Keep what a report could not deliver, unless it is for a broker that
+        is gone for good (we rejoined a new one meanwhile: told it all)."""
         with self._lock:
             if broker_id == self._broker_id:
                 self._outbox[:0] = outcomes
+                self._packages_new = {**packages, **self._packages_new}
                 self._lock.notify_all()
 
     def _take_batch(self, pool: ProcessPool, child) -> list:
@@ -290,6 +297,7 @@ class Worker:
                 self._drop_on_arrival.clear()
                 self._solo.clear()
             self._broker_id = reply.broker_id    # under the lock: _hold() compares it
+            self._packages_new = dict(self._packages)   # all of them, to a broker that may not know
         if new:
             log.warning("the broker at %s is a new one: dropping %d results it cannot want",
                         format_address(self.address), dropped)
@@ -346,6 +354,7 @@ class Worker:
             if reply is None:
                 return      # the cluster is shutting down: the watch thread stops us
             tasks, functions = reply
+            self._prepare(functions)
             if tasks:
                 with self._lock:
                     arrived = [t for t in tasks if t.id not in self._drop_on_arrival]
@@ -357,6 +366,36 @@ class Worker:
                     wake = self._stop or self._pool is None or self._start_jobs(self._pool)
                 if wake:
                     self._wake()
+
+    def _prepare(self, functions: dict[bytes, bytes]) -> None:
+        """Before their jobs start: fetch the shipped code new functions need,
+        and note this host's versions of the packages they ask for (shown by
+        `mpqueue status`). The children compare versions (`shipping.check`)."""
+        for key, blob in functions.items():
+            if key in self._prepared:
+                continue
+            try:
+                header = Header.from_dict(unwrap_function(blob)[0])
+            except ValueError:
+                continue    # the child says what is wrong with it
+            if header.code is not None and not bundle_path(header.code).exists():
+                data = self._link.call(self.broker.code, bytes.fromhex(header.code))
+                try:
+                    if data is None:
+                        log.warning("the broker no longer has the code shipped with a job (%s): it restarted "
+                                    "without its journal?", header.code)
+                    else:
+                        store(header.code, data)
+                except (OSError, ValueError) as e:
+                    log.warning("cannot keep the code shipped with a job in %s: %s", bundle_path(header.code), e)
+            versions = installed(header.requires)
+            with self._lock:
+                new = {dist: v for dist, v in versions.items() if self._packages.get(dist, "") != v}
+                self._packages.update(new)
+                self._packages_new.update(new)
+            self._prepared[key] = None
+            if len(self._prepared) > 4096:
+                self._prepared.popitem(last=False)
 
     def _withdraw(self, pool: ProcessPool) -> None:
         """Answer the broker's withdraw requests (with the lock held).
@@ -419,10 +458,11 @@ class Worker:
             outcomes, self._outbox = self._outbox[:cut], self._outbox[cut:]
             self._reporting_now = outcomes
             running, broker_id = self._running, self._broker_id
+            packages, self._packages_new = self._packages_new, {}
         try:
-            self.broker.report(self.id, outcomes, running)
+            self.broker.report(self.id, outcomes, running, packages or None)
         except BrokerUnavailable:
-            self._hold(outcomes, broker_id)
+            self._hold(outcomes, broker_id, packages)
             raise
         finally:
             with self._lock:

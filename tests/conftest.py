@@ -28,11 +28,12 @@ from mpqueue import Client  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    """Own authkey, config dir and tag; no process may outlive the test."""
+    """Own authkey, config and cache dirs and tag; no process may outlive the test."""
     tag = uuid.uuid4().hex
     monkeypatch.setenv(TAG, tag)
     monkeypatch.setenv("MPQUEUE_AUTHKEY", "key-" + tag)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))     # shipped code, per test
     monkeypatch.delenv("MPQUEUE_ADDRESS", raising=False)
     yield tag
     deadline = time.monotonic() + 10
