@@ -366,3 +366,164 @@ def test_the_local_socket_is_offered_on_the_brokers_host_only(net):
         assert result.returncode == 0, result.stderr
         said[role] = result.stdout.strip()
     assert said == {"br": "offered", "c": "not offered"}
+
+
+# -- code and versions (docs/multihost.md) -----------------------------------------
+#
+# Each host has a directory of its own, its HOME: the client's project (its
+# own modules) is there only, and nothing is copied by hand.
+
+CODE_CLIENT = """
+import importlib, json, sys
+import mpqueue, mylib, helpers_here
+
+with mpqueue.Client(sys.argv[1]) as client:
+    print("ready", flush=True)
+    for line in sys.stdin:
+        name, n = line.split()
+        if name == "reload":
+            importlib.reload(helpers_here)
+            importlib.reload(mylib)
+            print("[]", flush=True)
+            continue
+        out = []
+        for future in [client.submit(getattr(mylib, name), x) for x in range(int(n))]:
+            try:
+                out.append(future.result(60))
+            except Exception as e:
+                out.append([type(e).__name__, str(e)])
+        print(json.dumps(out), flush=True)
+"""
+
+MYLIB = f"""
+import socket, time
+import fakedist, helpers_here
+
+def me():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("{ADDRESSES['br']}", 9))     # a route lookup: nothing is sent
+        return s.getsockname()[0]
+
+def f(x):
+    time.sleep(0.3)
+    return [helpers_here.scale(x), me()]
+
+def with_fakedist(x):
+    time.sleep(0.3)
+    return [fakedist.VALUE, me()]
+"""
+
+
+def fake_site(path: Path, version: str) -> Path:
+    """A directory where `fakedist` is installed at ``version`` (its own metadata)."""
+    info = path / f"fakedist-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fakedist\nVersion: {version}\n")
+    (info / "RECORD").write_text("fakedist.py,,\n")
+    (path / "fakedist.py").write_text("VALUE = 7\n")
+    return path
+
+
+def host_env(home: Path, site: Path) -> dict:
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_CACHE_HOME", None)     # each host's own ~/.cache
+    env["PYTHONPATH"] = str(site)
+    return env
+
+
+def start_code_client(net: Net, project: Path, scale: str, site: Path) -> subprocess.Popen:
+    project.mkdir(parents=True)
+    (project / "helpers_here.py").write_text(f"def scale(x):\n    return {scale}\n")
+    (project / "mylib.py").write_text(MYLIB)
+    (project / "client.py").write_text(CODE_CLIENT)
+    client = net.popen("c", [sys.executable, "client.py", net.address], f"client-{project.name}",
+                       cwd=project, env=host_env(project.parent, site), stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE)
+    assert read_line(client.stdout, 30).strip() == "ready", logs(client)
+    return client
+
+
+def ask(client: subprocess.Popen, line: str) -> None:
+    client.stdin.write(f"{line}\n".encode())
+    client.stdin.flush()
+
+
+def start_host_workers(net: Net, sites: dict[str, Path]) -> None:
+    for role, site in sites.items():
+        home = net.tmp_path / f"host-{role}"
+        home.mkdir()
+        net.popen(role, [*MPQUEUE, "worker", net.address, "--procs", "2"], f"worker-{role}",
+                  cwd=home, env=host_env(home, site))
+    net.wait_for(lambda s: len(s["workers"]) == len(sites), "the workers to register")
+
+
+def test_a_clients_own_modules_run_on_other_hosts_and_an_edit_travels(net):
+    net.start_broker()
+    site = fake_site(net.tmp_path / "site", "2.0")     # the same everywhere
+    start_host_workers(net, {"a": site, "b": site})
+    client = start_code_client(net, net.tmp_path / "host-c" / "project", "-x", site)
+    other = start_code_client(net, net.tmp_path / "host-c" / "other", "x * 1000", site)
+
+    ask(client, "f 8")
+    ask(other, "f 8")       # the same module names, other code, at the same time
+    results, theirs = receive_results(client, 60), receive_results(other, 60)
+    assert [r[0] for r in results] == [-x for x in range(8)]
+    assert [r[0] for r in theirs] == [x * 1000 for x in range(8)]
+    assert {r[1] for r in results + theirs} == {ADDRESSES["a"], ADDRESSES["b"]}
+
+    (net.tmp_path / "host-c" / "project" / "helpers_here.py").write_text("def scale(x):\n    return x + 100\n")
+    ask(client, "reload 0")
+    assert receive_results(client) == []
+    ask(client, "f 8")
+    assert [r[0] for r in receive_results(client, 60)] == [x + 100 for x in range(8)]
+    for role in ("a", "b"):
+        cached = list((net.tmp_path / f"host-{role}" / ".cache" / "mpqueue" / "code").glob("*.zip"))
+        assert cached, f"nothing shipped to host {role}"
+        assert not (net.tmp_path / f"host-{role}" / "mylib.py").exists()
+
+
+def test_a_package_at_another_version_on_one_host_fails_its_jobs_naming_both(net):
+    net.start_broker()
+    start_host_workers(net, {"a": fake_site(net.tmp_path / "site-a", "2.0"),
+                             "b": fake_site(net.tmp_path / "site-b", "1.0")})
+    client = start_code_client(net, net.tmp_path / "host-c" / "project", "x",
+                               fake_site(net.tmp_path / "site-c", "2.0"))
+    ask(client, "with_fakedist 12")
+    results = receive_results(client, 60)
+    ran = [r for r in results if r[0] == 7]
+    failed = [r for r in results if r[0] == "EnvironmentMismatch"]
+    assert ran and failed and len(ran) + len(failed) == 12, results
+    assert {r[1] for r in ran} == {ADDRESSES["a"]}
+    assert all("fakedist 2.0 on the client, 1.0 on worker host" in r[1] for r in failed), failed
+    by_address = {w["address"]: w["packages"] for w in net.status_json()["workers"]}
+    assert by_address[ADDRESSES["a"]]["fakedist"] == "2.0"
+    assert by_address[ADDRESSES["b"]]["fakedist"] == "1.0"
+
+
+def test_an_unreachable_broker_says_what_to_check_within_its_bound(net):
+    """From the client's host: a broker listening on loopback only, a name
+    that resolves nowhere, a port whose packets are dropped."""
+    broker = net.popen("br", [*MPQUEUE, "broker", "--port", "0"], "broker", stdout=subprocess.PIPE)
+    line = read_line(broker.stdout, 15)
+    assert "listening on 127.0.0.1:" in line, line + logs(broker)
+    target = f"{ADDRESSES['br']}:{line.rsplit(':', 1)[1].split()[0]}"
+
+    def status(address: str) -> tuple[str, float]:
+        started = time.monotonic()
+        result = subprocess.run([net.ip, "netns", "exec", net.ns("c"), *MPQUEUE, "status", address],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr, time.monotonic() - started
+
+    said, took = status(target)
+    assert "Connection refused" in said and "unless started with --host" in said and took < 10, (said, took)
+    said, took = status("no-such-host.invalid:5555")
+    assert "cannot reach the broker at no-such-host.invalid:5555" in said and took < 10, (said, took)
+    # Packets to the broker vanish (as a firewall that drops them does):
+    # its link is cut, and the client still knows where to send them.
+    mac = json.loads(subprocess.run([net.ip, "-j", "-n", net.ns("br"), "link", "show", "eth0"],
+                                    capture_output=True, text=True, check=True).stdout)[0]["address"]
+    net.sh("-n", net.ns("c"), "neigh", "replace", ADDRESSES["br"], "lladdr", mac, "dev", "eth0", "nud", "permanent")
+    net.link("br", "down")
+    said, took = status(target)
+    assert "a firewall may be dropping port" in said and took < 20, (said, took)
