@@ -27,7 +27,7 @@ from .errors import (
 
 __all__ = ["Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable",
            "AuthenticationError", "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost",
-           "PayloadTooLarge", "EnvironmentMismatch", "RemoteError", "__version__"]
+           "PayloadTooLarge", "EnvironmentMismatch", "RemoteError", "shared", "__version__"]
 
 
 def __getattr__(name: str):
@@ -40,4 +40,7 @@ def __getattr__(name: str):
     if name == "Pool":
         from .multiprocessing import Pool
         return Pool
+    if name == "shared":
+        import importlib
+        return importlib.import_module(".shared", __name__)
     raise AttributeError(f"module 'mpqueue' has no attribute {name!r}")

@@ -243,6 +243,30 @@ class Broker:
         with self._changing() as state:
             state.goodbye(session)
 
+    # -- shared objects (`mpqueue.shared`) ---------------------------------------
+
+    def shared_open(self, session: str, name: str, kind: str, params: tuple, *,
+                    caller: Caller | None = None) -> int:
+        """Make or find the shared object ``name``: its generation, for `shared`."""
+        with self._changing() as state:
+            self._bind(caller, session, state)
+            return state.shared_open(name, kind, params)
+
+    def shared(self, session: str, who: tuple, name: str, generation: int, op: str, args: tuple,
+               wait: float, *, caller: Caller | None = None) -> Any:
+        """One operation on a shared object: ``(done, value)``. One that must
+        wait (a held lock, an empty queue) is parked for up to ``wait`` s,
+        then answered ``(False, None)``. See `BrokerState.shared_call`."""
+        with self._changing() as state:
+            self._bind(caller, session, state)
+            return self._parked(state.shared_call(who, name, generation, op, args, caller and caller.reply,
+                                                  wait, time.monotonic()), caller)
+
+    def shared_delete(self, session: str, name: str, *, caller: Caller | None = None) -> bool:
+        """Remove a shared object; whether there was one."""
+        with self._changing() as state:
+            return state.shared.delete(name)
+
     # -- cancelling ---------------------------------------------------------
 
     def cancel(self, session: str, seqs: list[int], force: bool, *,

@@ -135,6 +135,16 @@ class _FunctionCache:
                 del self._entries[key]
 
 
+#: Every Client of this process not shut down: `mpqueue.shared` uses the one
+#: open, when there is one.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def open_clients() -> list["Client"]:
+    """This process's Clients that are not shut down."""
+    return [c for c in list(_OPEN) if not c._closed]
+
+
 def _same(obj: Any) -> Any:
     return obj
 
@@ -371,6 +381,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._collector = threading.Thread(target=self._collect_loop, name="mpqueue-collect", daemon=True)
         self._sender.start()
         self._collector.start()
+        _OPEN.add(self)
         # Like the stdlib executors: at interpreter exit, wait for submitted work.
         self._atexit = weakref.WeakMethod(self.shutdown)
         atexit.register(_shutdown_at_exit, self._atexit)

@@ -43,6 +43,7 @@ _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL);
 CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL, last_number INTEGER NOT NULL);
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
@@ -92,8 +93,9 @@ class Journal:
                 if version != SCHEMA_VERSION:
                     raise ConfigError(f"journal {path} has schema version {version}; this mpqueue "
                                       f"reads version {SCHEMA_VERSION}")
-                # Shipped code (`shipping`) came after schema 1: a table more, nothing changed.
+                # Shipped code and shared objects came after schema 1: tables more, nothing changed.
                 self._db.execute("CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
                 (check,), = self._db.execute("PRAGMA quick_check").fetchall()
                 if check != "ok":
                     raise ConfigError(f"journal {path} is damaged: {check}")
@@ -110,7 +112,7 @@ class Journal:
 
     def load(self) -> dict:
         """Everything stored: ``id`` (the journal's own), ``next_id``, ``functions`` {digest: blob},
-        ``code`` {digest: zip},
+        ``code`` {digest: zip}, ``shared`` {name: `SharedObjects.snapshot`},
         ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order) and
         ``results`` (client, number, Delivery, created) in number order."""
         try:
@@ -127,6 +129,8 @@ class Journal:
                 "next_id": self._meta("next_id"),
                 "functions": dict(self._db.execute("SELECT digest, blob FROM functions")),
                 "code": dict(self._db.execute("SELECT digest, zip FROM code")),
+                "shared": {name: pickle.loads(state) for name, state
+                           in self._db.execute("SELECT name, state FROM shared")},
                 "clients": {session: (max_seq, last_number) for session, max_seq, last_number
                             in self._db.execute("SELECT session, max_seq, last_number FROM clients")},
                 "jobs": jobs,
@@ -166,6 +170,15 @@ class Journal:
                          (session, number, delivery.seq, int(delivery.status),
                           pickle.dumps(payload, protocol=5), delivery.attempts, created))
         self._db.execute("UPDATE clients SET last_number = ? WHERE session = ?", (number, session))
+
+    def shared(self, objects: dict[str, tuple | None]) -> None:
+        """Shared objects as they are now, whole (None: deleted)."""
+        for name, snapshot in objects.items():
+            if snapshot is None:
+                self._db.execute("DELETE FROM shared WHERE name = ?", (name,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO shared VALUES (?, ?)",
+                                 (name, pickle.dumps(snapshot, protocol=5)))
 
     def code(self, bundles: dict[bytes, bytes]) -> None:
         self._db.executemany("INSERT OR IGNORE INTO code VALUES (?, ?)", bundles.items())

@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from . import shipping
+from . import shared, shipping
 from .config import SETTINGS
 from .connection import BadMessage, Connection
 from .errors import EnvironmentMismatch
@@ -59,10 +59,10 @@ Item = tuple[Task, bytes]   # a task and its pickled function
 class Child:
     """One supervised child process and the batch of jobs it is running, if any."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, link: tuple | None = None):
         ours, theirs = socket.socketpair()
         self.conn = Connection(ours.detach())
-        self.process = ctx.Process(target=_child_main, args=(theirs,), daemon=True,
+        self.process = ctx.Process(target=_child_main, args=(theirs, link), daemon=True,
                                    name="mpqueue-child")
         self.process.start()
         theirs.close()
@@ -114,12 +114,14 @@ class ProcessPool:
     past it while running, failing that job.
     """
 
-    def __init__(self, procs: int, max_tasks: int | None = None, max_memory: int | None = None):
+    def __init__(self, procs: int, max_tasks: int | None = None, max_memory: int | None = None,
+                 link: tuple | None = None):
         self._ctx = multiprocessing.get_context("forkserver")
+        self.link = link    # (address, authkey) of the broker, for the jobs' `mpqueue.shared`
         self._ctx.set_forkserver_preload(["mpqueue.pool"])
         self.max_tasks = max_tasks
         self.max_memory = max_memory
-        self.children = [Child(self._ctx) for _ in range(procs)]
+        self.children = [Child(self._ctx, self.link) for _ in range(procs)]
         self._retiring: list[Child] = []    # asked to exit; reaped when they do
         self._next_memory_check = 0.0
         #: Moving averages of how long a job takes here (pipe round trip
@@ -217,7 +219,7 @@ class ProcessPool:
             except OSError:
                 pass    # already dead: reaped all the same
             self._retiring.append(child)
-            self.children[self.children.index(child)] = Child(self._ctx)
+            self.children[self.children.index(child)] = Child(self._ctx, self.link)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
@@ -244,7 +246,7 @@ class ProcessPool:
         if child in self._retiring:
             self._retiring.remove(child)
             return [], []
-        self.children[self.children.index(child)] = Child(self._ctx)
+        self.children[self.children.index(child)] = Child(self._ctx, self.link)
         if not child.batch:
             return [], []
         if child.task is not None:      # it ran one job: that job is the one
@@ -313,8 +315,9 @@ def _die_with_worker() -> None:
             os._exit(1)
 
 
-def _child_main(sock: socket.socket) -> None:
+def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
     conn = Connection(sock.detach())
+    shared._worker_link = link      # jobs reach their broker's shared objects with it
     # Ctrl-C in the worker's terminal reaches the whole process group; the
     # worker decides what happens to the jobs, not the signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -339,6 +342,7 @@ def _child_main(sock: socket.socket) -> None:
 
 
 def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int) -> tuple[Status, bytes, bool]:
+    shared._job = (task.id, task.attempt)
     try:
         fn, warning = _function(task.fn, blob, functions)
         args = _load(task.payload, "arguments")

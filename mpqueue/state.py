@@ -36,6 +36,7 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from .config import SETTINGS, Settings
+from .objects import SharedObjects
 from .protocol import (
     BATCH_BYTES,
     ClientHello,
@@ -191,6 +192,8 @@ class BrokerState:
         self._rng = rng or random.Random()
         self.out = Effects()
         self._dirty: set[int] = set()                  # jobs whose attempts changed, for the journal
+        self.shared = SharedObjects()                  # `mpqueue.shared`'s objects
+        self._holders_check_at: float | None = None    # after a restore: release holders not back by then
         self._fetchers: deque[_Parked] = deque()       # parked fetch calls, oldest first
         self._recheck_fetchers = False                 # a worker left or rejoined: look at them
         self._nudged: set[str] = set()                 # clients with new results (or woken) in this call
@@ -219,6 +222,12 @@ class BrokerState:
         self._ids = itertools.count(max(state["next_id"], next(self._ids)))
         self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
         self._code = dict(state.get("code", {}))
+        self.shared.restore(state.get("shared", {}))
+        if self.shared.holder_groups():
+            # Holders of locks get as long as a worker has to rejoin, or a
+            # client to reconnect; then what they held is released.
+            self._holders_check_at = now + max(self.settings.heartbeat_timeout, self.settings.client_grace)
+            self._wake_timer(self._holders_check_at)
         for session, (max_seq, last_number) in state["clients"].items():
             client = self._client(session)
             client.max_seq = max_seq
@@ -246,6 +255,14 @@ class BrokerState:
         over everything the shell must do."""
         if self._fetchers or self._nudged:
             self._answer_parked()
+        shared = self.shared
+        if shared.answers:
+            self.out.answers.extend(shared.answers)
+            shared.answers = []
+        if shared.changed:
+            if self.durable:
+                self.out.journal.append(("shared", ({name: shared.snapshot(name) for name in shared.changed},)))
+            shared.changed = set()
         if self._dirty:
             if self.durable:
                 self.out.journal.append(("attempts", ([(job.attempts, job.deaths, i) for i in self._dirty
@@ -319,11 +336,21 @@ class BrokerState:
         times += [p.deadline for c in self._clients.values() for p in c.collectors]
         if self._delayed:
             times.append(self._delayed[0][0])
+        for at in (self.shared.next_deadline(), self._holders_check_at):
+            if at is not None:
+                times.append(at)
         return min(times, default=None)
 
     def expire(self, now: float) -> None:
         """Queue the retries now due; answer the parked calls whose wait ran out."""
         self._promote_due(now)
+        self.shared.expire(now)
+        if self._holders_check_at is not None and now >= self._holders_check_at:
+            self._holders_check_at = None
+            for group in self.shared.holder_groups():
+                if not self._group_alive(group):
+                    log.info("releasing the shared locks of %s: it did not come back after the restart", group)
+                    self.shared.group_ended(group)
         for parked in [p for p in self._fetchers if p.deadline <= now]:
             self._fetchers.remove(parked)
             self._answer(parked, ([], {}))
@@ -344,6 +371,7 @@ class BrokerState:
     def connection_closed(self, session: str, reply: Reply, now: float) -> None:
         """A connection of ``session`` ended; ``reply`` answered its parked calls."""
         self._fetchers = deque(p for p in self._fetchers if p.reply is not reply)
+        self.shared.connection_closed(reply)
         client = self._clients.get(session)
         if client is not None:
             client.collectors = [p for p in client.collectors if p.reply is not reply]
@@ -360,6 +388,9 @@ class BrokerState:
         client = self._clients.get(session)
         if client is not None:
             client.gone_since = now
+        elif worker is None:
+            # A job's process or a lone `mpqueue.shared` user: gone for good.
+            self.shared.group_ended(f"client:{session}")
 
     def register(self, session: str, hello: WorkerHello | ClientHello, peer: str | None,
                  now: float) -> WorkerWelcome | ClientWelcome:
@@ -480,8 +511,13 @@ class BrokerState:
             self._queued -= 1
 
     def _requeue(self, job: _Job) -> None:
-        job.worker = None
+        self._attempt_over(job)
         self._push(job)
+
+    def _attempt_over(self, job: _Job) -> None:
+        """A job's attempt ended, however: what it held of the shared objects goes."""
+        job.worker = None
+        self.shared.group_ended(f"job:{job.task.id}")
 
     def backoff(self, job: _Job) -> float:
         """Seconds before the next attempt of a job that raised or timed out:
@@ -493,7 +529,7 @@ class BrokerState:
     def _retry_later(self, job: _Job, worker: _Worker | None, now: float) -> None:
         if worker is not None:
             worker.retried += 1
-        job.worker = None
+        self._attempt_over(job)
         due = now + self.backoff(job)
         heapq.heappush(self._delayed, (due, job.task.id))
         self._wake_timer(due)       # it queues the job when due
@@ -625,7 +661,7 @@ class BrokerState:
             if holder is not None:
                 holder.held.discard(job.task.id)
             self._unqueue(job)      # in case it was re-queued meanwhile
-            job.worker = None
+            self._attempt_over(job)
             if self._again(job, outcome, worker, now):
                 continue
             if worker is not None:
@@ -759,6 +795,7 @@ class BrokerState:
 
     def _drop_client(self, session: str) -> None:
         client = self._clients.pop(session)
+        self.shared.group_ended(f"client:{session}")
         for job_id in list(client.jobs.values()):
             self._withdraw(self._jobs[job_id])
         self._record("client_gone", session)
@@ -778,6 +815,8 @@ class BrokerState:
 
     def _forget(self, job: _Job) -> None:
         del self._jobs[job.task.id]
+        if job.worker is not None:
+            self._attempt_over(job)
         if self._awaited:
             self.out.wake_cancels = True    # a cancel waiting on it: it is over
         entry = self._functions[job.task.fn]
@@ -790,6 +829,41 @@ class BrokerState:
         client = self._clients.get(job.client)
         if client is not None:
             client.jobs.pop(job.seq, None)
+
+    # -- shared objects (`objects.SharedObjects`) -------------------------------
+
+    def shared_open(self, name: str, kind: str, params: tuple) -> int:
+        """Make or find a shared object: its generation."""
+        return self.shared.open(name, kind, params)
+
+    def shared_call(self, who: tuple, name: str, generation: int, op: str, args: tuple, reply: Reply,
+                    wait: float, now: float) -> Any:
+        """One operation on a shared object for ``who``: ``("job", id, attempt,
+        thread)`` from a job's process, ``("client", session, thread)`` from
+        anywhere else. Returns ``(done, value)`` or `PARKED`."""
+        if who[0] == "job":
+            _, job_id, attempt, thread = who
+            job = self._jobs.get(job_id)
+            if job is None or job.worker is None or job.attempts != attempt:
+                raise RuntimeError(f"job {job_id} attempt {attempt} is over for the broker (cancelled, timed "
+                                   "out, or its worker presumed lost): its calls to shared objects are refused")
+            owner = (f"job:{job_id}", thread)
+        else:
+            owner = (f"client:{who[1]}", who[2])
+        wait = min(wait, self.settings.wait_slice)
+        result = self.shared.call(owner, name, generation, op, args, reply, wait, now)
+        if result is None:
+            self._wake_timer(now + wait)
+            return PARKED
+        return result
+
+    def _group_alive(self, group: str) -> bool:
+        """Whether a holder of shared locks is still there (after a restore)."""
+        kind, _, key = group.partition(":")
+        if kind == "job":
+            job = self._jobs.get(int(key))
+            return job is not None and job.worker is not None
+        return key in self._connections
 
     # -- cancelling ---------------------------------------------------------
 
@@ -966,4 +1040,5 @@ class BrokerState:
             "clients": len(self._clients),
             "results": sum(len(c.results) for c in self._clients.values()),   # not yet collected
             "shutting_down": self.closing(),
+            "shared": self.shared.listing(),
         }

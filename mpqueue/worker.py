@@ -79,6 +79,7 @@ class Worker:
                  max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
                  reconnect_timeout: float = SETTINGS.reconnect_timeout):
         self.address = address
+        self._authkey = authkey     # the children's, for `mpqueue.shared`
         self.procs = procs
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
@@ -118,7 +119,8 @@ class Worker:
         """Serve until stopped. Returns the process exit code."""
         # The pool first: its processes start while a broker starting at
         # the same time (a local cluster's) gets ready.
-        pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child)
+        pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child,
+                           link=(self.address, self._authkey))
         self._install_signals()
         try:
             reach_broker(self.address, self._register, abandoned=self._stopped)

@@ -195,5 +195,4 @@ def test_public_api_is_small():
     assert set(mpqueue.__all__) == {
         "Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
         "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost", "PayloadTooLarge", "EnvironmentMismatch",
-        "RemoteError",
-        "__version__"}
+        "RemoteError", "shared", "__version__"}
