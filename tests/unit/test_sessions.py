@@ -214,7 +214,7 @@ def test_a_goodbye_drops_the_clients_jobs_and_asks_workers_for_unstarted_ones(h)
     h.report(started.id, running=(2, []))        # it finishes; nobody to tell
     assert h.state.status(0.0, 0.0) | {"workers": None} == {
         "workers": None, "queued": 0, "running": 0, "done": 1, "failed": 0, "clients": 0, "results": 0,
-        "shutting_down": False}
+        "shutting_down": False, "shared": []}
 
 
 def test_a_disconnect_is_a_loss_only_on_the_last_connection(h):
