@@ -287,8 +287,10 @@ def status(address: str | None, as_json: bool, wide: bool) -> None:
     if as_json:
         click.echo(json.dumps(info))
         return
+    shared = info.get("shared") or []
     click.echo(f"broker {format_address(addr)}: {info['queued']} queued, {info['running']} running, "
                f"{info['done']} done, {info['failed']} failed; {info['clients']} client(s)"
+               + (f"; {len(shared)} shared object(s), {_size(sum(o['size'] for o in shared))}" if shared else "")
                + ("; shutting down" if info["shutting_down"] else ""))
     if not info["workers"]:
         click.echo("no workers")
@@ -297,6 +299,12 @@ def status(address: str | None, as_json: bool, wide: bool) -> None:
     packages = _package_table(info["workers"], wide)
     if packages:
         click.echo("\n" + packages)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
 def _package_table(workers: list[dict], wide: bool) -> str:
