@@ -53,6 +53,7 @@ class _Object:
     value: Any = None
     holders: dict = dataclasses.field(default_factory=dict)     # lock: owner -> count; semaphore: group -> count
     waiters: deque = dataclasses.field(default_factory=deque)
+    lent: dict = dataclasses.field(default_factory=dict)        # queue: group -> items it got, not yet confirmed
 
     def size(self) -> int:
         if self.kind == "dict":
@@ -78,6 +79,9 @@ class SharedObjects:
         # group -> names of the objects it holds or waits on (maybe no longer):
         # a job's end looks at those only.
         self._involved: dict[str, set[str]] = {}
+        # group -> names of queues that lent it items: an item a process got
+        # is only its own once it calls again, or ends well (`group_ended`).
+        self._lent_to: dict[str, set[str]] = {}
 
     # -- creating and deleting ------------------------------------------------
 
@@ -114,12 +118,16 @@ class SharedObjects:
         """One operation. Returns ``(True, value)``, or ``(False, None)`` if it
         would block and ``wait`` is 0, or `PARKED` (from the caller's view: the
         answer comes in ``answers``) if it must wait. Errors raise."""
+        if owner[0] in self._lent_to:
+            self._confirm(owner[0])     # it called again: it has what it got
         obj = self._objects.get(name)
         if obj is None or obj.generation != generation:
             raise Deleted(f"shared object {name!r} was deleted")
         done, value = self._apply(obj, name, owner, op, args)
         if done and op == "acquire":
             self._involved.setdefault(owner[0], set()).add(name)
+        elif done and op == "get" and obj.kind == "queue":
+            self._lend(obj, name, owner[0], value)
         if done or wait <= 0:
             return done, value
         obj.waiters.append(_Waiter(owner, reply, op, args, now + wait))
@@ -145,6 +153,8 @@ class SharedObjects:
                 done, value, changed = _OPS[(obj.kind, waiter.op)](obj, waiter.owner, *waiter.args)
                 if done:
                     obj.waiters.remove(waiter)
+                    if waiter.op == "get" and obj.kind == "queue":
+                        self._lend(obj, name, waiter.owner[0], value)
                     self.answers.append((waiter.reply, ("#RETURN", (True, value))))
                     progress = progress or changed
                     if obj.kind in ("lock", "rlock", "queue", "semaphore"):
@@ -152,8 +162,29 @@ class SharedObjects:
             if not progress:
                 return
 
-    def group_ended(self, group: str) -> None:
-        """A job's attempt or a client is over: release what it held, drop its waiters."""
+    def _lend(self, obj: _Object, name: str, group: str, item: bytes) -> None:
+        obj.lent.setdefault(group, []).append(item)
+        self._lent_to.setdefault(group, set()).add(name)
+
+    def _confirm(self, group: str) -> None:
+        for name in self._lent_to.pop(group, ()):
+            obj = self._objects.get(name)
+            if obj is not None:
+                obj.lent.pop(group, None)
+
+    def group_ended(self, group: str, failed: bool = True) -> None:
+        """A job's attempt or a client is over: release what it held, drop its
+        waiters. If it ``failed`` (died, killed, lost), the queue items it got
+        and may never have read go back to the front of their queues; else
+        they were its own."""
+        for name in self._lent_to.pop(group, ()) if failed else ():
+            obj = self._objects.get(name)
+            items = obj.lent.pop(group, []) if obj is not None else []
+            if obj is not None and items:
+                obj.value.extendleft(reversed(items))
+                self.changed.add(name)
+                self._wake(obj, name)
+        self._confirm(group)
         for name in self._involved.pop(group, ()):
             obj = self._objects.get(name)
             if obj is None:
@@ -336,7 +367,7 @@ def _lock_acquire(obj, owner):
     if obj.holders:
         if obj.kind == "rlock" and owner in obj.holders:
             obj.holders[owner] += 1
-            return True, True, False
+            return True, True, True
         return False, None, False
     obj.holders[owner] = 1
     return True, True, True
@@ -351,7 +382,7 @@ def _lock_release(obj, owner):
             raise RuntimeError("cannot release un-acquired lock")
         obj.holders[owner] -= 1
         if obj.holders[owner]:
-            return True, None, False
+            return True, None, True
     elif holder[0] != owner[0]:
         raise RuntimeError(f"release of a lock held by another {_whose(holder[0])}")
     del obj.holders[holder]
@@ -390,8 +421,9 @@ def _event_set(obj, owner):
 
 
 def _event_clear(obj, owner):
+    changed = obj.value
     obj.value = False
-    return True, None, False
+    return True, None, changed
 
 
 def _event_wait(obj, owner):

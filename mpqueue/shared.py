@@ -25,11 +25,14 @@ values are pickled with cloudpickle and stored there as bytes.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import threading
 import time
 import uuid
 from typing import Any, Iterable, Iterator
+
+import cloudpickle
 
 from .errors import ConfigError, MpqueueError
 from .protocol import dumps, loads, too_large
@@ -112,6 +115,15 @@ def _address_link(address: str) -> _Link:
     return link
 
 
+def _key(key: Any) -> bytes:
+    """A dict key as the broker compares it: its pickle. The stdlib's pickler
+    (faster, and the same in every process) unless it cannot."""
+    try:
+        return pickle.dumps(key, protocol=5)
+    except Exception:
+        return dumps(key)
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
         raise ValueError(f"a shared object's name is a non-empty string of at most {_MAX_NAME} characters, "
@@ -138,9 +150,11 @@ class _Shared:
         return f"<mpqueue.shared.{type(self).__name__} {self.name!r}>"
 
     def _open(self) -> tuple[_Link, int]:
+        """The link this handle uses and the object's generation: found on
+        first use in each process (a handle passed to a job finds its own)."""
         opened = self._opened
-        link = _link(self._client)
-        if opened is None or opened[0] is not link:
+        if opened is None:
+            link = _link(self._client)
             generation = link.broker.shared_open(link.session, self.name, self._kind, self._params)
             opened = self._opened = (link, generation)
         return opened
@@ -167,9 +181,8 @@ class _Shared:
 
     def _pack(self, value: Any) -> bytes:
         try:
-            data = dumps(value)
+            data = cloudpickle.dumps(value, protocol=5)
         except Exception as e:
-            import pickle
             raise pickle.PicklingError(f"cannot store {type(value).__name__} in shared {self._kind} "
                                        f"{self.name!r}: {e}") from e
         error = too_large(f"a value for shared object {self.name!r} pickles", len(data), self._open()[0].max_payload)
@@ -221,24 +234,24 @@ class Dict(_Shared):
         super().__init__(name, client=client)
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._do("set", dumps(key), self._pack(value))
+        self._do("set", _key(key), self._pack(value))
 
     def __getitem__(self, key: Any) -> Any:
-        found, value = self._do("get", dumps(key))
+        found, value = self._do("get", _key(key))
         if not found:
             raise KeyError(key)
         return loads(value)
 
     def get(self, key: Any, default: Any = None) -> Any:
-        found, value = self._do("get", dumps(key))
+        found, value = self._do("get", _key(key))
         return loads(value) if found else default
 
     def __delitem__(self, key: Any) -> None:
-        if not self._do("pop", dumps(key))[0]:
+        if not self._do("pop", _key(key))[0]:
             raise KeyError(key)
 
     def pop(self, key: Any, default: Any = _MISSING) -> Any:
-        found, value = self._do("pop", dumps(key))
+        found, value = self._do("pop", _key(key))
         if found:
             return loads(value)
         if default is _MISSING:
@@ -249,7 +262,7 @@ class Dict(_Shared):
         return self._do("len")
 
     def __contains__(self, key: Any) -> bool:
-        return self._do("contains", dumps(key))
+        return self._do("contains", _key(key))
 
     def items(self) -> list[tuple[Any, Any]]:
         """A snapshot, as a list."""
@@ -266,7 +279,7 @@ class Dict(_Shared):
 
     def update(self, other: Any = (), **kwargs: Any) -> None:
         pairs = other.items() if hasattr(other, "items") else other
-        self._do("update", {dumps(k): self._pack(v) for k, v in [*pairs, *kwargs.items()]})
+        self._do("update", {_key(k): self._pack(v) for k, v in [*pairs, *kwargs.items()]})
 
     def copy(self) -> dict:
         """The whole dict, here."""
@@ -320,7 +333,7 @@ class Value(_Shared):
 
     def __init__(self, name: str, default: Any = None, *, client: Any = None):
         self._default = default
-        super().__init__(name, client=client, _params=(dumps(default),))
+        super().__init__(name, client=client, _params=(cloudpickle.dumps(default, protocol=5),))
 
     def get(self) -> Any:
         return loads(self._do("get"))
@@ -330,7 +343,7 @@ class Value(_Shared):
 
     def compare_and_set(self, expected: Any, new: Any) -> bool:
         """Set ``new`` if the value is ``expected`` now, atomically; whether it did."""
-        return self._do("cas", dumps(expected), self._pack(new))
+        return self._do("cas", self._pack(expected), self._pack(new))
 
 
 class Queue(_Shared):

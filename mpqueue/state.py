@@ -104,6 +104,7 @@ class _Job:
     attempts: int = 0           # times handed to a worker and not given back
     deaths: int = 0             # times the process running it died
     queued: bool = False        # in the queue now (not leased, not backing off)
+    released: int = 0           # its attempts up to this one lost their shared objects: refused
 
 
 @dataclasses.dataclass(eq=False)
@@ -389,8 +390,9 @@ class BrokerState:
         if client is not None:
             client.gone_since = now
         elif worker is None:
-            # A job's process or a lone `mpqueue.shared` user: gone for good.
-            self.shared.group_ended(f"client:{session}")
+            # A job's process or a lone `mpqueue.shared` user: gone for good,
+            # most often by ending well (it has no goodbye to say).
+            self.shared.group_ended(f"client:{session}", failed=False)
 
     def register(self, session: str, hello: WorkerHello | ClientHello, peer: str | None,
                  now: float) -> WorkerWelcome | ClientWelcome:
@@ -514,10 +516,14 @@ class BrokerState:
         self._attempt_over(job)
         self._push(job)
 
-    def _attempt_over(self, job: _Job) -> None:
-        """A job's attempt ended, however: what it held of the shared objects goes."""
+    def _attempt_over(self, job: _Job, failed: bool = True) -> None:
+        """A job's attempt ended, however: what it held of the shared objects
+        goes, and its calls are refused from now on, even if the attempt is
+        alive after all (a worker presumed lost that rejoins)."""
         job.worker = None
-        self.shared.group_ended(f"job:{job.task.id}")
+        if job.released < job.attempts:
+            job.released = job.attempts
+            self.shared.group_ended(f"job:{job.task.id}", failed)
 
     def backoff(self, job: _Job) -> float:
         """Seconds before the next attempt of a job that raised or timed out:
@@ -661,7 +667,8 @@ class BrokerState:
             if holder is not None:
                 holder.held.discard(job.task.id)
             self._unqueue(job)      # in case it was re-queued meanwhile
-            self._attempt_over(job)
+            # Its code ran to the end (a result, or an exception): what it took is its own.
+            self._attempt_over(job, failed=outcome.status not in (Status.OK, Status.ERROR))
             if self._again(job, outcome, worker, now):
                 continue
             if worker is not None:
@@ -791,11 +798,12 @@ class BrokerState:
         if client is not None:
             for parked in client.collectors:
                 self._answer(parked, [])
-            self._drop_client(session)
+            self._drop_client(session, failed=False)
 
-    def _drop_client(self, session: str) -> None:
+    def _drop_client(self, session: str, failed: bool = True) -> None:
+        """Forget a client: it said goodbye, or (``failed``) it was gone too long."""
         client = self._clients.pop(session)
-        self.shared.group_ended(f"client:{session}")
+        self.shared.group_ended(f"client:{session}", failed)
         for job_id in list(client.jobs.values()):
             self._withdraw(self._jobs[job_id])
         self._record("client_gone", session)
@@ -844,7 +852,7 @@ class BrokerState:
         if who[0] == "job":
             _, job_id, attempt, thread = who
             job = self._jobs.get(job_id)
-            if job is None or job.worker is None or job.attempts != attempt:
+            if job is None or job.worker is None or job.attempts != attempt or attempt <= job.released:
                 raise RuntimeError(f"job {job_id} attempt {attempt} is over for the broker (cancelled, timed "
                                    "out, or its worker presumed lost): its calls to shared objects are refused")
             owner = (f"job:{job_id}", thread)

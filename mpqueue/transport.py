@@ -293,6 +293,15 @@ class BrokerServer(managers.Server):
 class _Proxy(managers.BaseProxy):
     """Turns transport failures into mpqueue's own errors."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The stdlib registers every proxy to incref in a forked child, which
+        # would make each child of a process holding one (a user's
+        # multiprocessing.Pool) dial the broker for a call it refuses. A
+        # forked child opens its own connections, on first use.
+        for key in [k for k in list(util._afterfork_registry) if k[1] == id(self)]:
+            util._afterfork_registry.pop(key, None)
+
     def _callmethod(self, methodname, args=(), kwds=None):
         try:
             return super()._callmethod(methodname, args, kwds or {})

@@ -196,3 +196,22 @@ def test_public_api_is_small():
         "Client", "Pool", "MpqueueError", "ConfigError", "BrokerUnavailable", "AuthenticationError",
         "VersionMismatch", "ClusterShutdown", "JobTimeout", "WorkerLost", "PayloadTooLarge", "EnvironmentMismatch",
         "RemoteError", "shared", "__version__"}
+
+
+def test_a_process_forked_by_a_client_does_not_dial_the_broker(cluster):
+    """The stdlib's proxies incref in every forked child: ours do not, so a
+    user's fork-context Pool or Process does not make the broker log refusals."""
+    import multiprocessing
+
+    from helpers import logs
+
+    cluster.start_worker(1)
+    client = cluster.client()
+    assert client.submit(abs, -1).result(30) == 1
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(0.2,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert client.submit(abs, -2).result(30) == 2
+    time.sleep(0.3)
+    assert "incref" not in logs(cluster.broker)

@@ -24,7 +24,8 @@ def call(h: Harness, who: tuple, name: str, op: str, *args, wait: float = 0.0, r
 
 
 KINDS = {"lock": ("lock", ()), "rlock": ("rlock", ()), "sem": ("semaphore", (2,)), "q": ("queue", (1,)),
-         "ev": ("event", ()), "n": ("counter", ()), "d": ("dict", ()), "v": ("value", (b"none",))}
+         "q2": ("queue", (0,)), "ev": ("event", ()), "n": ("counter", ()), "d": ("dict", ()),
+         "v": ("value", (b"none",))}
 
 
 def answers(h: Harness) -> list:
@@ -175,3 +176,49 @@ def test_a_journal_gets_each_changed_object_whole_and_a_restore_releases_holders
     again.state.expire(10.0)
     again.settle()
     assert call(again, client("x"), "lock", "acquire") == (True, True)
+
+
+def test_an_attempt_cut_off_and_back_is_refused_after_losing_its_locks(h):
+    """A worker presumed lost (silent), its job's lock released and taken by
+    another: when that worker rejoins still running the job, the job's calls
+    are refused, so two never run inside the lock at once."""
+    job = running_job(h)
+    call(h, ("job", job, 1, 1), "lock", "acquire")
+    h.state.tick(11.0)      # silent past the heartbeat timeout: presumed lost
+    h.settle()
+    assert call(h, client("x"), "lock", "acquire") == (True, True)
+    h.worker(now=12.0, broker_id="b1", running=(job,))      # it rejoins, still running the job
+    with pytest.raises(RuntimeError, match="is over for the broker"):
+        call(h, ("job", job, 1, 1), "lock", "release")
+
+
+def test_a_queue_item_got_by_a_job_that_dies_goes_back_first_in_line(h):
+    job = running_job(h)
+    for item in (b"1", b"2"):
+        call(h, client(), "q2", "put", item)
+    assert call(h, ("job", job, 1, 1), "q2", "get") == (True, b"1")
+    h.report(job, Status.LOST, b"died")
+    assert call(h, client(), "q2", "get") == (True, b"1")
+
+
+def test_a_queue_item_is_the_getters_once_it_calls_again_or_ends_well(h):
+    job = running_job(h)
+    for item in (b"1", b"2", b"3"):
+        call(h, client(), "q2", "put", item)
+    assert call(h, ("job", job, 1, 1), "q2", "get") == (True, b"1")
+    h.report(job, Status.ERROR, b"raised")      # its code ran to its end
+    assert call(h, client("c2"), "q2", "get") == (True, b"2")
+    call(h, client("c2"), "q2", "len")          # it called again: it has item 2
+    h.state.shared.group_ended("client:c2", failed=True)
+    assert call(h, client(), "q2", "get") == (True, b"3")
+
+
+def test_every_change_reaches_the_journal():
+    h = Harness(durable=True)
+    call(h, client(), "ev", "set")
+    call(h, client(), "ev", "clear")
+    assert [args[0]["ev"][3] for name, args in h.effects.journal if name == "shared"] == [False]
+    call(h, client(), "rlock", "acquire")
+    call(h, client(), "rlock", "acquire")
+    assert [args[0]["rlock"][4] for name, args in h.effects.journal if name == "shared"] == [
+        {("client:c", 1): 2}]
