@@ -24,6 +24,7 @@ os.environ["MPQUEUE_RECONNECT_TIMEOUT"] = "3"
 
 from helpers import TAG, kill_tree, read_line, tagged_processes, wait_for_status  # noqa: E402
 from mpqueue import Client  # noqa: E402
+from mpqueue.client import open_clients  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +37,8 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))     # shipped code, per test
     monkeypatch.delenv("MPQUEUE_ADDRESS", raising=False)
     yield tag
+    for client in open_clients():
+        client.shutdown(wait=False)     # one a test left open would be `mpqueue.shared`'s default
     deadline = time.monotonic() + 10
     while (left := tagged_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.1)

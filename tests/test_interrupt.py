@@ -127,7 +127,8 @@ class Terminal:
     @property
     def output(self) -> str:
         """As the user reads it: the terminal's ``^C`` echoes and CRs taken out."""
-        return self._output.decode(errors="replace").replace("\r\n", "\n").replace("^C", "")
+        # The echo can land between a line's CR and LF: take it out first.
+        return self._output.decode(errors="replace").replace("^C", "").replace("\r\n", "\n").replace("\r", "")
 
     def close(self) -> None:
         if self.status is None:
