@@ -18,23 +18,20 @@ unpickles the function and its arguments, and compares the versions: a
 difference fails the job with `EnvironmentMismatch` (or, asked for, warns).
 Nothing under site-packages or the standard library is shipped; an
 installed distribution (editable ones too) is version-checked instead.
+
+The heavier modules this needs (importlib.metadata, zipfile, ast) are
+imported where used: a worker's processes, which import this, start faster,
+and a job that ships nothing never pays for them.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
-import importlib.metadata
-import importlib.util
-import io
 import os
 import socket
 import sys
-import sysconfig
 import threading
-import zipfile
-from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
 from .errors import EnvironmentMismatch, PayloadTooLarge
@@ -138,7 +135,8 @@ class Shipper:
         key = (st.st_mtime_ns, st.st_size)
         cached = self._sources.get(path)
         if cached is None or cached[0] != key:
-            text = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                text = f.read()
             cached = self._sources[path] = (key, text, _imported_names(text, path))
         return cached[1], cached[2]
 
@@ -149,6 +147,8 @@ class Shipper:
         seen = tuple((path, arcname, self._sources[path][0]) for path, arcname in files)
         if seen in self._zips:
             return self._zips[seen]
+        import io
+        import zipfile
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
             for path, arcname in files:
@@ -177,6 +177,7 @@ def _classify(top: str) -> tuple[str, list[tuple[str, str]]]:
     module = sys.modules.get(top)
     spec = getattr(module, "__spec__", None)
     if spec is None:
+        import importlib.util
         try:
             spec = importlib.util.find_spec(top)
         except (ImportError, ValueError):
@@ -229,6 +230,7 @@ def _package_files(directory: str, prefix: str) -> list[tuple[str, str]]:
 
 
 def _imported_names(text: bytes, path: str) -> frozenset[str]:
+    import ast
     try:
         tree = ast.parse(text, path)
     except (SyntaxError, ValueError):
@@ -244,6 +246,7 @@ def _imported_names(text: bytes, path: str) -> frozenset[str]:
 
 @functools.cache
 def _installed_roots() -> tuple[str, ...]:
+    import sysconfig
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
     roots.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
@@ -257,6 +260,7 @@ def _under_installed(path: str) -> bool:
 @functools.cache
 def _distributions() -> Mapping[str, list[str]]:
     """Top-level module name -> the installed distributions providing it."""
+    import importlib.metadata
     return importlib.metadata.packages_distributions()
 
 
@@ -272,6 +276,7 @@ def _versions(tops: set[str]) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def _installed_version(dist: str) -> str | None:
+    import importlib.metadata
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -281,14 +286,14 @@ def _installed_version(dist: str) -> str | None:
 # -- the worker: keeping bundles ----------------------------------------------
 
 
-def cache_dir() -> Path:
+def cache_dir() -> str:
     """Where a host keeps the bundles its workers fetched, one file per hash."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "mpqueue", "code")
+    return os.path.join(base, "mpqueue", "code")
 
 
-def bundle_path(code: str) -> Path:
-    return cache_dir() / f"{code}.zip"
+def bundle_path(code: str) -> str:
+    return os.path.join(cache_dir(), f"{code}.zip")
 
 
 def store(code: str, data: bytes) -> None:
@@ -296,9 +301,10 @@ def store(code: str, data: bytes) -> None:
     if digest(data).hex() != code:
         raise ValueError(f"the bundle fetched for {code} does not match its hash")
     path = bundle_path(code)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.part")
-    partial.write_bytes(data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.part"
+    with open(partial, "wb") as f:
+        f.write(data)
     os.replace(partial, path)
 
 
@@ -317,7 +323,7 @@ def activate(code: str | None) -> bool:
     changed: functions unpickled before then refer to other modules.
     """
     global _active
-    path = None if code is None else str(bundle_path(code))
+    path = None if code is None else bundle_path(code)
     if path == _active:
         return False
     if path is not None and not os.path.exists(path):
@@ -328,6 +334,7 @@ def activate(code: str | None) -> bool:
             continue
         tops = _provides.get(old)
         if tops is None:
+            import zipfile
             with zipfile.ZipFile(old) as zf:
                 tops = _provides[old] = {n.split("/")[0].removesuffix(".py") for n in zf.namelist()}
         for name in [n for n in sys.modules if n.partition(".")[0] in tops]:

@@ -380,7 +380,7 @@ class Worker:
                 header = Header.from_dict(unwrap_function(blob)[0])
             except ValueError:
                 continue    # the child says what is wrong with it
-            if header.code is not None and not bundle_path(header.code).exists():
+            if header.code is not None and not os.path.exists(bundle_path(header.code)):
                 data = self._link.call(self.broker.code, bytes.fromhex(header.code))
                 try:
                     if data is None:
