@@ -41,8 +41,8 @@ W3          32 jobs of ~100 ms pure-Python CPU work (the loop is calibrated once
             on this machine): parallel efficiency = sum of per-job CPU time
             (``time.process_time`` measured inside the job and returned) /
             (2 cores x wall time). 100% means both cores did nothing but jobs.
-W4          100 jobs each taking a 1 MiB ``bytes`` argument and returning its
-            length: MB/s (10^6 bytes) of arguments moved.
+W4          100 jobs each taking a distinct 1 MiB ``bytes`` argument (made before
+            timing) and returning its length: MB/s (10^6 bytes) of arguments moved.
 
 The drop-in ``mpqueue.Pool`` against ``multiprocessing.Pool(2)``:
 
@@ -503,13 +503,20 @@ def w3_efficiency(runner, p) -> dict:
             "efficiency": sum(cpu) / (PROCS * wall)}
 
 
+def distinct_blobs(count: int, size: int) -> list[bytes]:
+    """``count`` different ``bytes`` of ``size``, as users' arguments are: one object sent
+    ``count`` times would let a pickler that batches jobs (Pool.map's chunks) send it once
+    per batch, and measure nothing. os.urandom runs at about 1 GB/s: made before timing."""
+    return [os.urandom(size) for _ in range(count)]
+
+
 def w4_bandwidth(runner, p) -> dict:
-    blob = p["blob"]
-    jobs = p["w4_jobs"]
-    results, wall = runner.many(nbytes, [(blob,)] * jobs)
-    if results != [len(blob)] * jobs:
+    jobs, size = p["w4_jobs"], p["w4_bytes"]
+    blobs = distinct_blobs(jobs, size)
+    results, wall = runner.many(nbytes, [(blob,) for blob in blobs])
+    if results != [size] * jobs:
         raise BenchError(f"{runner.name} W4: wrong results")
-    moved = len(blob) * jobs
+    moved = size * jobs
     return {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
 
 
@@ -816,7 +823,6 @@ def main() -> int:
                 90, "mpqueue warm-up"))
             log(f"warm-up done on mpqueue children {sorted(pids)}")
 
-            p["blob"] = os.urandom(p["w4_bytes"])
             runners = [MpqueueRunner(client, cluster), PoolRunner(pool)]
             for name, fn in WORKLOADS:
                 if name not in selected:
@@ -872,7 +878,6 @@ def main() -> int:
 
     raw["machine"]["loadavg_end"] = os.getloadavg()
     raw["elapsed_s"] = time.perf_counter() - started
-    p.pop("blob", None)
     raw["params"] = p
     for problem, count in Counter(problems).items():
         log(f"PROBLEM: {problem}" + (f" (x{count})" if count > 1 else ""))
