@@ -45,6 +45,12 @@ W4          100 jobs each taking a distinct 1 MiB ``bytes`` argument (made befor
             timing) and returning its length: MB/s (10^6 bytes) of arguments moved.
             Before the first repetition, each system moves the same amount once
             through its ``map``, untimed (see ``w4_bandwidth``).
+W5          20 jobs each taking a distinct 64 MiB NumPy array (float64, made before
+            timing) and returning a new one (``array + 1``): MB/s (10^6 bytes) of
+            arguments and results moved, and the peak RSS of mpqueue's broker
+            during the jobs, as a multiple of one argument (its high-water mark,
+            VmHWM, reset before each repetition). Needs numpy (the ``bench``
+            extra: ``pip install mpqueue[bench]``); skipped with a note without it.
 
 The drop-in ``mpqueue.Pool`` against ``multiprocessing.Pool(2)``:
 
@@ -79,6 +85,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -106,10 +114,10 @@ MPQUEUE = [sys.executable, "-m", "mpqueue"]     # the `mpqueue` command, same in
 PROCS = 2
 
 FULL = dict(reps=3, cold_reps=3, w1_jobs=10_000, w1_map_items=1_000_000, w2_trips=300, w3_jobs=32, w3_ms=100.0,
-            w4_jobs=100, w4_bytes=1 << 20,
+            w4_jobs=100, w4_bytes=1 << 20, w5_jobs=20, w5_bytes=64 << 20,
             apply_cb_calls=3_000, starmap_items=200_000, starmap_chunksize=1000)
 QUICK = dict(reps=1, cold_reps=1, w1_jobs=2_000, w1_map_items=100_000, w2_trips=100, w3_jobs=8, w3_ms=100.0,
-             w4_jobs=20, w4_bytes=1 << 20,
+             w4_jobs=20, w4_bytes=1 << 20, w5_jobs=4, w5_bytes=64 << 20,
              apply_cb_calls=1_000, starmap_items=50_000, starmap_chunksize=1000)
 
 #: Set when a call had to be abandoned (it still runs in a daemon thread): the
@@ -145,6 +153,12 @@ def burn(n):
 
 def nbytes(blob):
     return len(blob)
+
+
+def plus_one(array):
+    """W5's job: a new array as large as its argument (NumPy's ``+``; numpy is not
+    imported here, so that bench.py runs without it)."""
+    return array + 1
 
 
 def warmup_job(seconds):
@@ -383,6 +397,50 @@ def context_switches(pids: list[int]) -> int | None:
     return total
 
 
+class PeakRSS:
+    """The peak resident memory of a process over a ``with`` block: the kernel's
+    high-water mark (VmHWM), reset on entry through ``/proc/PID/clear_refs``. Where
+    that is refused (another user's process, not Linux), RSS sampled every 5 ms."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak: int | None = None
+        self.sampled = False
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def _hwm(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            with open(f"/proc/{self.pid}/clear_refs", "w") as f:
+                f.write("5")    # reset the high-water mark to the current RSS
+            self._hwm()
+        except (OSError, StopIteration):
+            self.sampled = True
+            process = psutil.Process(self.pid)
+            self.peak = process.memory_info().rss
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    try:
+                        self.peak = max(self.peak, process.memory_info().rss)
+                    except psutil.Error:
+                        return
+            self._sampler = threading.Thread(target=sample, daemon=True, name="peak-rss")
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._sampler is not None:
+            self._stop.set()
+            self._sampler.join()
+        else:
+            self.peak = self._hwm()
+
+
 class MpqueueRunner:
     name = "mpqueue"
 
@@ -392,6 +450,9 @@ class MpqueueRunner:
         self.address, self.authkey = cluster.address, cluster.authkey
         self._pool: mpqueue.Pool | None = None
         self.warmed: set[str] = set()     # the workloads that had their untimed first pass
+
+    def broker_memory(self) -> PeakRSS:
+        return PeakRSS(self.cluster.broker.pid)
 
     def processes(self) -> list[int]:
         """This process (the client), the broker, the worker and its children."""
@@ -446,6 +507,9 @@ class PoolRunner:
 
     def processes(self) -> list[int]:
         return [os.getpid(), *(p.pid for p in self.pool._pool)]
+
+    def broker_memory(self) -> None:
+        return None     # no broker
 
     def close(self, terminate: bool = False) -> None:
         pass    # main() closes the Pool
@@ -535,6 +599,29 @@ def w4_bandwidth(runner, p) -> dict:
     return {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
 
 
+#: The values W5's arrays are filled with: no two arrays alike, in a run.
+W5_FILLS = itertools.count()
+
+
+def w5_arrays(runner, p) -> dict:
+    import numpy as np
+    jobs, size = p["w5_jobs"], p["w5_bytes"]
+    # Distinct contents, cheaply: each array filled with its own value (a memset).
+    fills = [next(W5_FILLS) for _ in range(jobs)]
+    arrays = [np.full(size // 8, fill, dtype=np.float64) for fill in fills]
+    memory = runner.broker_memory()
+    with memory or contextlib.nullcontext():
+        results, wall = runner.many(plus_one, [(a,) for a in arrays])
+    if any(r.nbytes != size or r[0] != fill + 1 or r[-1] != fill + 1 for r, fill in zip(results, fills)):
+        raise BenchError(f"{runner.name} W5: wrong results")
+    moved = 2 * size * jobs
+    out = {"jobs": jobs, "bytes": moved, "wall_s": wall, "mb_per_s": moved / wall / 1e6}
+    if memory is not None:
+        out.update(broker_peak_rss=memory.peak, broker_peak_payloads=memory.peak / size,
+                   broker_peak_sampled=memory.sampled)
+    return out
+
+
 def apply_callbacks(runner, p) -> dict:
     """``apply_async`` with a callback and an error callback, one call per item."""
     n = p["apply_cb_calls"]
@@ -569,7 +656,8 @@ def starmap_chunks(runner, p) -> dict:
 
 #: (key for --only and the JSON, function): each runs on both systems, alternating.
 WORKLOADS = [("W1", w1_throughput), ("W1map", w1_map), ("W2", w2_latency), ("W3", w3_efficiency),
-             ("W4", w4_bandwidth), ("apply_cb", apply_callbacks), ("starmap", starmap_chunks)]
+             ("W4", w4_bandwidth), ("W5", w5_arrays), ("apply_cb", apply_callbacks),
+             ("starmap", starmap_chunks)]
 #: Run first, while this process has no threads (Pool forks): the keys of the start-ups.
 COLD_WORKLOADS = ["cold", "pool_start"]
 
@@ -709,6 +797,12 @@ def build_rows(raw: dict) -> list[tuple]:
     if ran("W4"):
         rows.append((f"W4 {params['w4_jobs']} x 1 MiB args", "argument bandwidth (MB/s)",
                      med("mpqueue", "W4", "mb_per_s"), med("Pool", "W4", "mb_per_s"), "higher", "{:,.1f}"))
+    if ran("W5"):
+        title = f"W5 {params['w5_jobs']} x {params['w5_bytes'] >> 20} MiB NumPy"
+        rows.append((title, "args + results (MB/s)", med("mpqueue", "W5", "mb_per_s"),
+                     med("Pool", "W5", "mb_per_s"), "higher", "{:,.1f}"))
+        rows.append((title, "broker peak RSS (x one array)", med("mpqueue", "W5", "broker_peak_payloads"),
+                     None, "lower", "{:.2f}"))
     if ran("apply_cb"):
         rows.append((f"apply_async {params['apply_cb_calls']:,} with callbacks", "throughput (jobs/s)",
                      med("mpqueue", "apply_cb", "jobs_per_s"), med("Pool", "apply_cb", "jobs_per_s"),
@@ -725,7 +819,7 @@ def format_table(rows: list[tuple], names: tuple[str, str] = ("mpqueue", "Pool")
     body = []
     for workload, metric, a, b, better, fmt in rows:
         ratio = f"{a / b:.2f}x" if b else "n/a"
-        body.append((workload, metric, fmt.format(a), fmt.format(b), ratio, better))
+        body.append((workload, metric, fmt.format(a), "-" if b is None else fmt.format(b), ratio, better))
     widths = [max(len(r[i]) for r in body + [header]) for i in range(len(header))]
     align = ["<", "<", ">", ">", ">", "<"]
 
@@ -767,6 +861,14 @@ def main() -> int:
         parser.error(f"unknown workload(s) {', '.join(sorted(selected - set(names)))}; "
                      f"choose from {', '.join(names)}")
     p = dict(QUICK if args.quick else FULL)
+    skipped = []
+    if "W5" in selected:
+        try:
+            import numpy  # noqa: F401
+        except ImportError:
+            selected.discard("W5")
+            skipped.append("W5 skipped: it needs numpy (pip install mpqueue[bench], or numpy)")
+            log(skipped[-1])
     if args.reps:
         p["reps"] = p["cold_reps"] = args.reps
 
@@ -906,6 +1008,8 @@ def main() -> int:
           f"(cold start: {p['cold_reps']})")
     print(f"mpqueue under test: {raw['machine']['mpqueue_source']}")
     print(format_table(build_rows(raw)))
+    for note in skipped:
+        print(note)
     print("ratio = mpqueue / Pool; 'better' = the direction that is good for the metric "
           "(lower: ratio > 1 means mpqueue is slower; higher: ratio < 1 means it is).")
     la, lb = raw["machine"]["loadavg_start"], raw["machine"]["loadavg_end"]
