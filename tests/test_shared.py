@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -11,7 +12,7 @@ import time
 import cloudpickle
 import pytest
 
-from helpers import eventually, wait_for_file
+from helpers import eventually, logs, read_line, wait_for_file
 from mpqueue import BrokerUnavailable, PayloadTooLarge, shared
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -221,3 +222,33 @@ def _alive(client) -> bool:
         return True
     except BrokerUnavailable:
         return False
+
+
+HOLDER = """
+import sys, time
+from mpqueue import Client, shared
+with Client(sys.argv[1]) as client:
+    shared.Lock("theirs", client=client).acquire()
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_lock_whose_holder_does_not_come_back_after_a_restart_is_released(empty):
+    """Killed with the broker, its holder never reconnects: once the restarted
+    broker has waited max(heartbeat timeout, client grace), the lock is free."""
+    fast = {"MPQUEUE_HEARTBEAT_TIMEOUT": "2", "MPQUEUE_CLIENT_GRACE": "1"}
+    journal = empty.tmp_path / "journal.db"
+    empty.start_broker("--journal", str(journal), env=fast)
+    holder = empty.popen([sys.executable, "-c", HOLDER, empty.address], "holder", stdout=subprocess.PIPE)
+    assert read_line(holder.stdout, 30).strip() == "held"
+    port = empty.address.rsplit(":", 1)[1]
+    empty.broker.kill()
+    holder.kill()
+    empty.broker.wait(10)
+    empty.start_broker("--journal", str(journal), "--port", port, env=fast)
+    client = empty.client()
+    lock = shared.Lock("theirs", client=client)
+    assert lock.locked()        # its holder may still come back
+    assert lock.acquire(timeout=15)
+    assert "releasing the shared locks of client:" in logs(empty.broker)
