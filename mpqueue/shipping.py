@@ -131,12 +131,20 @@ class Shipper:
         return [n for n in names if n in sys.modules]
 
     def _read(self, path: str) -> tuple[bytes, frozenset[str]]:
-        st = os.stat(path)
+        """A file's text and the names it imports; ``BUNDLE!NAME`` is a file of
+        a bundle this process was shipped."""
+        st = os.stat(path.partition("!")[0])
         key = (st.st_mtime_ns, st.st_size)
         cached = self._sources.get(path)
         if cached is None or cached[0] != key:
-            with open(path, "rb") as f:
-                text = f.read()
+            if "!" in path:
+                import zipfile
+                bundle, _, name = path.partition("!")
+                with zipfile.ZipFile(bundle) as zf:
+                    text = zf.read(name)
+            else:
+                with open(path, "rb") as f:
+                    text = f.read()
             cached = self._sources[path] = (key, text, _imported_names(text, path))
         return cached[1], cached[2]
 
@@ -186,6 +194,11 @@ def _classify(top: str) -> tuple[str, list[tuple[str, str]]]:
         return "skip", []
     if spec.origin not in (None, "namespace") and spec.has_location:
         origin = os.path.abspath(spec.origin)
+        if origin.startswith(os.path.join(cache_dir(), "")):
+            # Code shipped to this worker, used by a job that submits jobs: it travels on.
+            bundle = origin[:origin.index(".zip") + 4]
+            return "local", [(f"{bundle}!{name}", name) for name in _zip_names(bundle)
+                             if name.split("/")[0].removesuffix(".py") == top]
         if _under_installed(origin) or not origin.endswith(".py"):
             return "skip", []       # the standard library, or an extension module: cannot ship it
         if os.path.basename(origin) == "__init__.py":
@@ -195,6 +208,12 @@ def _classify(top: str) -> tuple[str, list[tuple[str, str]]]:
     if locations and not any(_under_installed(p) for p in locations):
         return "local", [f for p in locations for f in _package_files(p, top)]    # a namespace package
     return "skip", []
+
+
+def _zip_names(bundle: str) -> list[str]:
+    import zipfile
+    with zipfile.ZipFile(bundle) as zf:
+        return zf.namelist()
 
 
 def _explicit(entry: str) -> tuple[str, list[tuple[str, str]]]:

@@ -153,3 +153,17 @@ def test_a_version_mismatch_fails_the_job_naming_both_versions(cluster, project,
     table = cluster.run("status", cluster.address).stdout
     assert "fakedist" in table and "1.0" in table, table
     sys.modules.pop("fakedist", None)
+
+
+def test_a_job_that_submits_jobs_passes_the_code_it_was_shipped_on(cluster, project):
+    write(project / "nested_here.py", """
+        import mpqueue, mylib
+
+        def outer(address, x):
+            with mpqueue.Client(address) as client:
+                return client.submit(mylib.f, x).result(30)
+    """)
+    cluster.start_worker(2)
+    import nested_here
+    client = cluster.client()
+    assert client.submit(nested_here.outer, cluster.address, 4).result(60) == -4
