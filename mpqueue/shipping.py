@@ -98,6 +98,13 @@ class Shipper:
     def header(self, modules: Iterable[str]) -> tuple[Header, Bundle | None]:
         """The header for a function whose pickles name ``modules``, and the
         bundle it needs (None: nothing to ship)."""
+        try:
+            return self._header(modules)
+        except OSError as e:    # a module's file gone or unreadable since it was imported
+            raise OSError(e.errno, f"cannot read your code to ship it with the job ({e.strerror}); "
+                          "Client(ship=False) ships nothing", e.filename) from None
+
+    def _header(self, modules: Iterable[str]) -> tuple[Header, Bundle | None]:
         with self._lock:
             local: dict[str, list[tuple[str, str]]] = {}    # top-level name -> [(file, name in the zip)]
             installed: set[str] = set()
