@@ -66,12 +66,18 @@ _FRAME = struct.Struct("!i")
 _MAX_FRAME = 1024
 _TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake record)
 
-#: What a process tells the broker about itself when it connects. Pickles made
-#: with one Python minor version or cloudpickle major version may not load
-#: under another, so the broker refuses those mismatches; mpqueue's own
-#: version is for the messages only.
+#: The format of the messages and broker methods after the handshake: it
+#: changes when one changes in a way an older peer would misread (2: the
+#: shipped code and shared objects).
+PROTOCOL = "2"
+
+#: What a process tells the broker about itself when it connects, and the
+#: broker answers with. Pickles made with one Python minor version or
+#: cloudpickle major version may not load under another, and messages of
+#: one protocol not under another, so both ends refuse those mismatches;
+#: mpqueue's own version is for the messages only.
 VERSIONS = {"mpqueue": __version__, "python": "%d.%d" % sys.version_info[:2],
-            "cloudpickle": cloudpickle.__version__}
+            "cloudpickle": cloudpickle.__version__, "protocol": PROTOCOL}
 
 
 class Refused(Exception):
@@ -85,13 +91,22 @@ class Refused(Exception):
 
 
 def _describe(versions: dict) -> str:
+    protocol = versions.get("protocol")
     return (f"Python {versions['python']}, cloudpickle {versions['cloudpickle']}, "
-            f"mpqueue {versions['mpqueue']}")
+            f"mpqueue {versions['mpqueue']} (protocol {protocol if protocol not in (None, 'None') else 1})")
 
 
 def _compatible(versions: dict) -> bool:
     return (versions["python"] == VERSIONS["python"]
-            and versions["cloudpickle"].split(".")[0] == VERSIONS["cloudpickle"].split(".")[0])
+            and versions["cloudpickle"].split(".")[0] == VERSIONS["cloudpickle"].split(".")[0]
+            and versions.get("protocol") == PROTOCOL)
+
+
+def _mismatch(where: str, theirs: dict) -> VersionMismatch:
+    return VersionMismatch(
+        f"the broker at {where} runs {_describe(theirs)}, and this process runs "
+        f"{_describe(VERSIONS)}: pickles do not cross Python minor versions or cloudpickle "
+        "major versions, nor messages mpqueue protocols; install the same ones on every host")
 
 
 def _proof(authkey: bytes, side: bytes, hello: bytes, challenge: bytes) -> str:
@@ -186,7 +201,7 @@ def accept(sock: socket.socket, authkey: bytes, tls: ssl.SSLContext | None,
             _send_frame(sock, {"refused": "version", **VERSIONS})
             raise Refused(f"version mismatch: it runs {_describe(theirs)}; "
                            f"this broker runs {_describe(VERSIONS)}")
-        ok = {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge)}
+        ok = {"ok": True, "proof": _proof(authkey, b"broker", hello, challenge), **VERSIONS}
         if local is not None and sock.family != socket.AF_UNIX and _on_this_host(sock):
             ok["local"] = local
         _send_frame(sock, ok)
@@ -245,15 +260,15 @@ def open_connection(sock: socket.socket, address: tuple[str, int], authkey: byte
                 f"authentication with the broker at {where} failed: this process and the broker "
                 "hold different authkeys (check MPQUEUE_AUTHKEY)")
         if verdict.get("refused") == "version":
-            theirs = {name: str(verdict.get(name)) for name in VERSIONS}
-            raise VersionMismatch(
-                f"the broker at {where} runs {_describe(theirs)}, and this process runs "
-                f"{_describe(VERSIONS)}: pickles do not cross Python minor versions or cloudpickle "
-                "major versions; install the same ones on every host")
+            raise _mismatch(where, {name: str(verdict.get(name)) for name in VERSIONS})
         if not hmac.compare_digest(str(verdict.get("proof")).encode(),
                                    _proof(authkey, b"broker", hello, challenge).encode()):
             raise AuthenticationError(f"the process at {where} could not prove it holds the "
                                       "authkey: it is not the broker you meant")
+        if verdict.get("protocol") != PROTOCOL:     # an older broker, which did not check it
+            raise VersionMismatch(
+                f"the broker at {where} runs an older mpqueue (protocol 1), and this process runs "
+                f"{_describe(VERSIONS)}: its messages differ; install the same mpqueue on every host")
         sock.settimeout(None)
         offered = verdict.get("local")
         if not (isinstance(offered, list) and len(offered) == 3 and sock.family != socket.AF_UNIX):

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -32,7 +33,7 @@ from mpqueue import local as wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VERSIONS = {"mpqueue": mpqueue.__version__, "python": "%d.%d" % sys.version_info[:2],
-            "cloudpickle": cloudpickle.__version__}
+            "cloudpickle": cloudpickle.__version__, "protocol": "2"}
 REPO = Path(__file__).resolve().parent.parent
 #: An interpreter of another minor version, for the version handshake.
 OTHER_PYTHON = Path.home() / ".pyenv/versions" / (
@@ -124,6 +125,38 @@ def test_versions_that_would_break_pickles_are_refused(cluster):
         sock, *_, verdict = handshake(cluster.address, versions=versions)
         sock.close()
         assert verdict["ok"] is True
+
+
+def test_another_message_protocol_is_refused_at_either_end(cluster, monkeypatch):
+    """A peer whose messages differ (an older mpqueue of the same version
+    number) is refused with a version mismatch, not met with a TypeError at
+    its first call."""
+    older = {k: v for k, v in VERSIONS.items() if k != "protocol"}
+    sock, *_, verdict = handshake(cluster.address, versions=older)
+    sock.close()
+    assert verdict == {"refused": "version", **VERSIONS}
+    line, = wait_for_log(cluster.broker, "version mismatch")
+    assert "(protocol 1)" in line and "(protocol 2)" in line
+
+    # A broker that speaks the handshake but not this protocol: it says no versions.
+    from mpqueue import VersionMismatch
+    from mpqueue import handshake as hs
+    server = socket.create_server(("127.0.0.1", 0))
+    key = os.environ["MPQUEUE_AUTHKEY"].encode()
+
+    def old_broker():
+        conn, _ = server.accept()
+        with conn:
+            challenge = hs._send_frame(conn, {"nonce": "ab" * 32})
+            hello, _ = hs._recv_frame(conn, time.monotonic() + 5)
+            hs._recv_frame(conn, time.monotonic() + 5)
+            hs._send_frame(conn, {"ok": True, "proof": hs._proof(key, b"broker", hello, challenge)})
+            conn.recv(1)
+
+    threading.Thread(target=old_broker, daemon=True).start()
+    with pytest.raises(VersionMismatch, match=r"runs an older mpqueue \(protocol 1\)"):
+        Client("127.0.0.1:%d" % server.getsockname()[1])
+    server.close()
 
 
 def raises(x):
