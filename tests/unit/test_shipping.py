@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 
 import pytest
 
 from mpqueue import EnvironmentMismatch, PayloadTooLarge, shipping
 from mpqueue.shipping import Header, Shipper
+
+CLICK = importlib.metadata.version("click")     # a dependency of ours: installed wherever tests run
 
 
 @pytest.fixture
@@ -17,13 +20,13 @@ def project(tmp_path, monkeypatch):
     (root / "pkg_u" / "__init__.py").write_text("from . import inner\n")
     (root / "pkg_u" / "inner.py").write_text("import json\nVALUE = 1\n")
     (root / "top_u.py").write_text(
-        "import pkg_u\nimport six\ntry:\n    import not_installed_anywhere\nexcept ImportError:\n    pass\n")
+        "import pkg_u\nimport click\ntry:\n    import not_installed_anywhere\nexcept ImportError:\n    pass\n")
     monkeypatch.syspath_prepend(str(root))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     names = ("top_u", "pkg_u", "pkg_u.inner")
     for name in names:
         sys.modules.pop(name, None)
-    import six  # noqa: F401  (installed: required, not shipped)
+    import click  # noqa: F401  (installed, a dependency of ours: required, not shipped)
     import top_u  # noqa: F401
     yield root
     for name in names:
@@ -42,16 +45,15 @@ def test_standard_library_and_mpqueue_are_neither_shipped_nor_required():
 
 
 def test_an_installed_package_is_required_at_its_version_not_shipped():
-    import six
-    header, bundle = Shipper().header({"six"})
-    assert bundle is None and header.requires == {"six": six.__version__}
+    header, bundle = Shipper().header({"click"})
+    assert bundle is None and header.requires == {"click": CLICK}
 
 
 def test_a_local_module_ships_with_what_it_imports_from_the_same_place(project):
     header, bundle = Shipper().header({"top_u"})
     assert names(bundle) == ["pkg_u/__init__.py", "pkg_u/inner.py", "top_u.py"]
     assert header.code == bundle.digest.hex()
-    assert set(header.requires) == {"six"}      # the module it failed to import is no requirement
+    assert set(header.requires) == {"click"}      # the module it failed to import is no requirement
 
 
 def test_the_bundle_is_named_by_its_content(project):
@@ -62,8 +64,8 @@ def test_the_bundle_is_named_by_its_content(project):
 
 
 def test_ship_false_ships_nothing_but_still_requires_versions(project):
-    header, bundle = Shipper(ship=False).header({"top_u", "six"})
-    assert bundle is None and "six" in header.requires
+    header, bundle = Shipper(ship=False).header({"top_u", "click"})
+    assert bundle is None and "click" in header.requires
 
 
 def test_ship_names_a_directory_or_module_to_add(project, tmp_path):
@@ -72,7 +74,7 @@ def test_ship_names_a_directory_or_module_to_add(project, tmp_path):
     _, bundle = Shipper(ship=[str(tmp_path / "extra"), "pkg_u"]).header(set())
     assert names(bundle) == ["pkg_u/__init__.py", "pkg_u/inner.py", "plugin_u.py"]
     with pytest.raises(ValueError, match="installed packages are not shipped"):
-        Shipper(ship=["six"])
+        Shipper(ship=["click"])
     with pytest.raises(TypeError):
         Shipper(ship="pkg_u")       # type: ignore[arg-type]
 
@@ -110,11 +112,10 @@ def test_a_process_takes_a_bundle_in_and_lets_it_go(project, tmp_path):
 
 
 def test_versions_are_compared_as_asked():
-    import six
-    same = Header(None, {"six": six.__version__})
+    same = Header(None, {"click": CLICK})
     assert shipping.check(same) is None
-    other = {"six": "0.0.1", "no-such-dist-u": "1.0"}
-    with pytest.raises(EnvironmentMismatch, match="six 0.0.1 on the client, .* on worker host") as caught:
+    other = {"click": "0.0.1", "no-such-dist-u": "1.0"}
+    with pytest.raises(EnvironmentMismatch, match="click 0.0.1 on the client, .* on worker host") as caught:
         shipping.check(Header(None, other))
     assert ("no-such-dist-u", "1.0", None) in caught.value.differences
     assert "not installed" in shipping.check(Header(None, other, "warn"))
@@ -125,7 +126,7 @@ def test_versions_are_compared_as_asked():
 
 def test_a_header_travels_in_front_of_the_pickle():
     from mpqueue.protocol import unwrap_function, wrap_function
-    header = Header("ab" * 16, {"six": "1.0"}, "warn")
+    header = Header("ab" * 16, {"click": "1.0"}, "warn")
     blob = wrap_function(header.as_dict(), b"\x80\x05pickle")
     found, pickled = unwrap_function(blob)
     assert Header.from_dict(found) == header and pickled == b"\x80\x05pickle"
