@@ -118,6 +118,7 @@ class ProcessPool:
                  link: tuple | None = None):
         self._ctx = multiprocessing.get_context("forkserver")
         self.link = link    # (address, authkey) of the broker, for the jobs' `mpqueue.shared`
+        # `mpqueue worker` has started it already, with this same list (cli._start_forkserver).
         self._ctx.set_forkserver_preload(["mpqueue.pool"])
         self.max_tasks = max_tasks
         self.max_memory = max_memory
