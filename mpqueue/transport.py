@@ -257,6 +257,7 @@ class BrokerServer(managers.Server):
         # The peer's IP address (hostnames can be alike: containers, cloned
         # machines; addresses on one network are not), or "local".
         caller = Caller(conn.host, reply if conn.concurrent_send else answers.put)
+        methods: dict[tuple[str, str], Callable] = {}   # (ident, name): what it calls, looked up once
         try:
             while True:
                 try:
@@ -265,18 +266,14 @@ class BrokerServer(managers.Server):
                     return
                 try:
                     ident, methodname, args, kwds = request
-                    obj, exposed, _ = self.id_to_obj[ident]
-                    if methodname not in exposed:
-                        raise AttributeError(f"method {methodname!r} is not exposed")
-                    function = getattr(obj, methodname)
+                    function = methods.get((ident, methodname))
+                    if function is None:
+                        function = methods[ident, methodname] = self._method(ident, methodname, caller)
                 except Exception:
                     send(("#TRACEBACK", traceback.format_exc()))
                     continue
                 try:
-                    if obj is self.broker:
-                        result = function(*args, caller=caller, **kwds)
-                    else:
-                        result = function(*args, **kwds)
+                    result = function(*args, **kwds)
                 except Exception as e:
                     send(("#ERROR", e))
                 else:
@@ -288,6 +285,15 @@ class BrokerServer(managers.Server):
             self.broker.connection_closed(caller)
             with lock:
                 conn.close()
+
+    def _method(self, ident: str, methodname: str, caller: Caller) -> Callable:
+        """What a call of ``methodname`` on the object ``ident`` calls, for
+        this connection: the broker's methods are given its `Caller`."""
+        obj, exposed, _ = self.id_to_obj[ident]
+        if methodname not in exposed:
+            raise AttributeError(f"method {methodname!r} is not exposed")
+        function = getattr(obj, methodname)
+        return functools.partial(function, caller=caller) if obj is self.broker else function
 
 
 class _Proxy(managers.BaseProxy):
