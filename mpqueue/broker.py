@@ -31,6 +31,7 @@ import time
 import uuid
 from typing import Any
 
+from . import shm
 from .config import SETTINGS, Settings
 from .journal import Journal
 from .protocol import (
@@ -92,6 +93,8 @@ class _Changing:
             if effects is not None:
                 for reply, message in effects.answers:
                     reply(message)
+                for path in effects.remove:
+                    shm.remove(path)
 
 
 class Broker:
@@ -117,7 +120,11 @@ class Broker:
         self._answered = threading.Condition(self._lock)  # cancels wait here for workers' answers
         self._changer = _Changing(self)
         if journal is not None:
-            counts = self._state.restore(journal.load(), time.monotonic(), time.time())
+            stored = journal.load()
+            counts = self._state.restore(stored, time.monotonic(), time.time())
+            for path in stored["inlined"]:      # the jobs' arguments are in the journal now
+                shm.remove(path)
+            journal.inlined_removed()
             log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
                      journal.path, *counts)
         threading.Thread(target=self._run_timer, name="timer", daemon=True).start()
@@ -214,6 +221,27 @@ class Broker:
         with self._changing() as state:
             self._bind(caller, session, state)
             state.submit(session, submissions, functions, time.monotonic(), code)
+
+    def payload(self, session: str, path: str, *, caller: Caller | None = None) -> bytes | None:
+        """A job's arguments a client of this host left in shared memory
+        (`shm`), for a worker on another host; None if no job refers to it."""
+        with self._lock:
+            if path not in self._state.payload_files():
+                return None
+        try:
+            return shm.read(path)
+        except OSError:
+            return None
+
+    def sweep_payloads(self) -> None:
+        """Remove shared-memory payload files of this host that no job here
+        refers to and whose writer died (`shm.sweep`). Called by the main
+        thread at start and then every few seconds."""
+        with self._lock:
+            referenced = self._state.payload_files()
+        removed = shm.sweep(referenced)
+        if removed:
+            log.info("removed %d payload files of processes gone from %s", removed, shm.DIRECTORY)
 
     def code(self, key: bytes, *, caller: Caller | None = None) -> bytes | None:
         """A bundle of shipped code, for a worker that lacks it; None if unknown."""

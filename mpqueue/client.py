@@ -38,7 +38,7 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
-from . import __version__
+from . import __version__, local, shm
 from .cluster import LocalCluster
 from .config import SETTINGS, format_address, parse_address, resolve_authkey, warn_unknown_variables
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
@@ -373,6 +373,9 @@ class Client(_Submitter, concurrent.futures.Executor):
         try:
             reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
             self._max_payload: int = reply.max_payload
+            # On the broker's host (connected over its local socket), large
+            # arguments go through shared memory (`shm`).
+            self._shm = local.is_local(self.address) and shm.available()
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -400,6 +403,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         error = too_large("the job's function and arguments pickle", len(blob) + len(payload), self._max_payload)
         if error is not None:
             raise error
+        if self._shm and len(payload) >= shm.THRESHOLD:
+            payload = shm.write(payload, self.session) or payload     # on the broker's host: no socket
         if self._slots is not None:
             self._take_slot()
         with self._lock:

@@ -34,6 +34,7 @@ import sqlite3
 import uuid
 from typing import Any, Iterable
 
+from . import shm
 from .errors import ConfigError
 from .protocol import Delivery, Failure, Options, Status
 
@@ -44,6 +45,7 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY);
 CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL, last_number INTEGER NOT NULL);
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
@@ -96,6 +98,7 @@ class Journal:
                 # Shipped code and shared objects came after schema 1: tables more, nothing changed.
                 self._db.execute("CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL)")
                 self._db.execute("CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY)")
                 (check,), = self._db.execute("PRAGMA quick_check").fetchall()
                 if check != "ok":
                     raise ConfigError(f"journal {path} is damaged: {check}")
@@ -112,7 +115,8 @@ class Journal:
 
     def load(self) -> dict:
         """Everything stored: ``id`` (the journal's own), ``next_id``, ``functions`` {digest: blob},
-        ``code`` {digest: zip}, ``shared`` {name: `SharedObjects.snapshot`},
+        ``code`` {digest: zip}, ``shared`` {name: `SharedObjects.snapshot`}, ``inlined``
+        (the shared-memory files whose bytes it took: `_inline`),
         ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order) and
         ``results`` (client, number, Delivery, created) in number order."""
         try:
@@ -131,6 +135,7 @@ class Journal:
                 "code": dict(self._db.execute("SELECT digest, zip FROM code")),
                 "shared": {name: pickle.loads(state) for name, state
                            in self._db.execute("SELECT name, state FROM shared")},
+                "inlined": [path for path, in self._db.execute("SELECT path FROM inlined")],
                 "clients": {session: (max_seq, last_number) for session, max_seq, last_number
                             in self._db.execute("SELECT session, max_seq, last_number FROM clients")},
                 "jobs": jobs,
@@ -147,11 +152,31 @@ class Journal:
         db = self._db
         db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?)", functions.items())
         db.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
-                       [(i, session, seq, fn, payload, chunked, pickle.dumps(tuple(options)))
+                       [(i, session, seq, fn, self._inline(payload), chunked, pickle.dumps(tuple(options)))
                         for i, seq, fn, payload, chunked, options in jobs])
         db.execute("INSERT INTO clients VALUES (?, ?, 0) ON CONFLICT(session) DO UPDATE SET max_seq = ?",
                    (session, max_seq, max_seq))
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id,))
+
+    def _inline(self, payload: bytes) -> bytes:
+        """The bytes themselves, for arguments a client left in shared memory
+        (`shm`): the journal outlives the file, which is noted, for a restart
+        to remove (`inlined_removed`). A file gone already stays a reference:
+        the job fails saying so."""
+        path = shm.path_of(payload)
+        if path is None:
+            return payload
+        try:
+            data = shm.read(path)
+        except OSError:
+            return payload
+        self._db.execute("INSERT OR IGNORE INTO inlined VALUES (?)", (path,))
+        return data
+
+    def inlined_removed(self) -> None:
+        """The files noted by `_inline` are gone (removed at a restart)."""
+        self._db.execute("DELETE FROM inlined")
+        self._db.commit()
 
     def attempts(self, rows: Iterable[tuple[int, int, int]]) -> None:
         """Jobs' (attempts, deaths, id): leased, or given back."""

@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from . import shared, shipping
+from . import shared, shipping, shm
 from .config import SETTINGS
 from .connection import BadMessage, Connection
 from .errors import EnvironmentMismatch
@@ -401,8 +401,11 @@ def _function(key: bytes, blob: bytes, functions: OrderedDict) -> tuple[Any, str
 
 
 def _load(pickled: bytes, what: str) -> Any:
+    """Unpickle the job's function or arguments (read in place from shared
+    memory if its client left them there: `shm`)."""
     try:
-        return loads(pickled)
+        path = shm.path_of(pickled)
+        return loads(pickled) if path is None else shm.load(path)
     except ImportError as exc:
         raise type(exc)(
             f"{exc} (on this worker, {socket.gethostname()}, unpickling the job's {what}). Your own "

@@ -35,6 +35,7 @@ import random
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+from . import shm
 from .config import SETTINGS, Settings
 from .objects import SharedObjects
 from .protocol import (
@@ -88,6 +89,7 @@ class Effects:
     wake_control: bool = False      # workers have withdraw requests, or the cluster closes
     wake_cancels: bool = False      # cancels waiting on workers' answers must look again
     timer_at: float | None = None   # a new deadline: the timer thread must act by then
+    remove: list[str] = dataclasses.field(default_factory=list)  # payload files no job needs (`shm`)
 
 
 #: What `settle` hands over when a call requires nothing more (never filled).
@@ -271,7 +273,7 @@ class BrokerState:
             self._dirty.clear()
         effects = self.out
         if not (effects.answers or effects.journal or effects.wake_control or effects.wake_cancels
-                or effects.timer_at is not None):
+                or effects.timer_at is not None or effects.remove):
             return NO_EFFECTS   # most calls: spares an allocation
         self.out = Effects()
         return effects
@@ -640,6 +642,10 @@ class BrokerState:
                 size += len(functions[job.task.fn])
         return tasks, functions
 
+    def payload_files(self) -> set[str]:
+        """The shared-memory files (`shm`) the jobs held here refer to."""
+        return {path for job in self._jobs.values() if (path := shm.path_of(job.task.payload)) is not None}
+
     def code(self, key: bytes) -> bytes | None:
         """A bundle of shipped code, for a worker that lacks it."""
         return self._code.get(key)
@@ -823,6 +829,9 @@ class BrokerState:
 
     def _forget(self, job: _Job) -> None:
         del self._jobs[job.task.id]
+        path = shm.path_of(job.task.payload)
+        if path is not None:
+            self.out.remove.append(path)
         if job.worker is not None:
             self._attempt_over(job)
         if self._awaited:

@@ -38,12 +38,12 @@ import time
 import uuid
 from collections import OrderedDict, deque
 
-from . import __version__
+from . import __version__, shm
 from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .handshake import VERSIONS
 from .pool import ProcessPool
-from .protocol import WorkerHello, batch_length, unwrap_function
+from .protocol import Task, WorkerHello, batch_length, unwrap_function
 from .shipping import Header, bundle_path, installed, store
 from .transport import Reconnecting, connect, reach_broker
 
@@ -358,6 +358,7 @@ class Worker:
             tasks, functions = reply
             self._prepare(functions)
             if tasks:
+                tasks = [self._arguments(t) for t in tasks]
                 with self._lock:
                     arrived = [t for t in tasks if t.id not in self._drop_on_arrival]
                     self._drop_on_arrival.difference_update(t.id for t in tasks)
@@ -398,6 +399,16 @@ class Worker:
             self._prepared[key] = None
             if len(self._prepared) > 4096:
                 self._prepared.popitem(last=False)
+
+    def _arguments(self, task: Task) -> Task:
+        """A task whose arguments its client left in shared memory on the
+        broker's host (`shm`): as it is if we are on that host, else with the
+        bytes, from the broker."""
+        path = shm.path_of(task.payload)
+        if path is None or os.path.exists(path):
+            return task
+        data = self._link.call(self.broker.payload, self.id, path)
+        return task if data is None else task._replace(payload=data)
 
     def _withdraw(self, pool: ProcessPool) -> None:
         """Answer the broker's withdraw requests (with the lock held).

@@ -1,0 +1,112 @@
+"""Large arguments through shared memory on the broker's host (`mpqueue.shm`),
+and nothing left in /dev/shm whoever is killed."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+from helpers import eventually, read_line
+from mpqueue import shm
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="no writable /dev/shm")
+BIG = 2 << 20
+
+
+def ours(pids) -> list[str]:
+    """The payload files written by these processes."""
+    return [p for p in glob.glob(os.path.join(shm.DIRECTORY, "mpqueue-*")) if int(p.split("-")[2]) in pids]
+
+
+def describe(data: bytes, seconds: float = 0) -> tuple[int, bytes]:
+    time.sleep(seconds)
+    return len(data), data[-4:]
+
+
+def test_a_big_argument_goes_through_shared_memory_and_its_file_goes_with_its_job(cluster):
+    cluster.start_worker(2)
+    client = cluster.client()
+    assert client._shm     # on the broker's host: its local socket
+    blobs = [os.urandom(BIG) for _ in range(4)]
+    futures = [client.submit(describe, b, 1.0) for b in blobs]
+    eventually(lambda: len(ours({os.getpid()})) == 4, "the four payload files")
+    eventually(lambda: cluster.status()["running"] >= 1, "the jobs to run")
+    assert len(ours({os.getpid()})) >= 2       # the queued ones' files are there still
+    assert [f.result(30) for f in futures] == [(BIG, b[-4:]) for b in blobs]
+    eventually(lambda: not ours({os.getpid()}), "the files to be removed")
+    assert client.submit(describe, b"small").result(30) == (5, b"mall")     # small ones inline
+
+
+CLIENT = """
+import os, sys, time
+from mpqueue import Client
+def slow(data):
+    time.sleep(3)
+c = Client(sys.argv[1])
+futures = [c.submit(slow, os.urandom(2 << 20)) for _ in range(3)]
+print("submitted", flush=True)
+time.sleep(120)
+"""
+
+
+def test_nothing_is_left_in_dev_shm_after_a_kill_9_of_the_client_or_the_broker(cluster):
+    cluster.start_worker(1)
+    client = cluster.popen([sys.executable, "-c", CLIENT, cluster.address], "client", stdout=subprocess.PIPE)
+    assert read_line(client.stdout, 30).strip() == "submitted"
+    eventually(lambda: len(ours({client.pid})) == 3, "the client's payload files")
+    # After its grace its queued jobs are dropped, their files with them; the running one's when it ends.
+    client.kill()
+    eventually(lambda: not ours({client.pid}), "the dead client's files to go", timeout=30)
+
+    second = cluster.popen([sys.executable, "-c", CLIENT, cluster.address], "client2", stdout=subprocess.PIPE)
+    assert read_line(second.stdout, 30).strip() == "submitted"
+    port = cluster.address.rsplit(":", 1)[1]
+    cluster.broker.kill()   # no journal: the jobs are lost, the files not yet
+    second.kill()
+    cluster.broker.wait(10)
+    assert ours({second.pid})
+    cluster.start_broker("--port", port)    # it sweeps the files of dead writers at start
+    eventually(lambda: not ours({second.pid}), "the files to be swept", timeout=15)
+
+
+def test_a_journal_keeps_the_bytes_and_its_restart_removes_the_files(empty, tmp_path):
+    journal = tmp_path / "journal.db"
+    empty.start_broker("--journal", str(journal))
+    client = empty.client(reconnect_timeout=30)
+    blob = os.urandom(BIG)
+    future = client.submit(describe, blob)
+    eventually(lambda: ours({os.getpid()}), "the payload file")
+    port = empty.address.rsplit(":", 1)[1]
+    empty.broker.kill()
+    empty.broker.wait(10)
+    empty.start_broker("--journal", str(journal), "--port", port)
+    assert not ours({os.getpid()})      # the journal has the bytes: the file went at the restart
+    empty.start_worker(1)
+    assert future.result(60) == (BIG, blob[-4:])
+
+
+def test_a_worker_that_cannot_see_the_file_gets_the_bytes_from_the_broker(empty):
+    """A worker with a /dev/shm of its own, as one on another host has."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) for a worker with a /dev/shm of its own")
+    probe = subprocess.run([unshare, "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
+    empty.start_broker()
+    client = empty.client()
+    blob = os.urandom(BIG)
+    future = client.submit(describe, blob)
+    eventually(lambda: ours({os.getpid()}), "the payload file")
+    empty.popen([unshare, "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} -m mpqueue "
+                 f"worker {empty.address} --procs 1"], "worker")
+    assert future.result(60) == (BIG, blob[-4:])
