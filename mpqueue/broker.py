@@ -119,6 +119,7 @@ class Broker:
         self._control = threading.Condition(self._lock)   # workers' control calls wait here
         self._answered = threading.Condition(self._lock)  # cancels wait here for workers' answers
         self._changer = _Changing(self)
+        self._state.shm_probe = shm.probe()     # removed by a sweep once this process is gone
         if journal is not None:
             stored = journal.load()
             counts = self._state.restore(stored, time.monotonic(), time.time())
@@ -132,6 +133,10 @@ class Broker:
     @property
     def id(self) -> str:
         return self._state.id
+
+    @property
+    def shm_probe(self) -> str:
+        return self._state.shm_probe
 
     def _changing(self) -> _Changing:
         """Hold the lock for a call that changes state; carry out what it

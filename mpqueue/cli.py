@@ -17,7 +17,7 @@ from typing import Callable, cast
 
 import click
 
-from . import __version__
+from . import __version__, shm
 from .config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -204,6 +204,8 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
         broker_log.info("shut down")
     except KeyboardInterrupt:
         broker_log.info("stopped")
+    finally:
+        shm.remove(broker.shm_probe)     # a kill -9 leaves it to the next broker's sweep
 
 
 @main.command()

@@ -38,7 +38,7 @@ import weakref
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, Sequence, Sized
 
-from . import __version__, local, shm
+from . import __version__, shm
 from .cluster import LocalCluster
 from .config import SETTINGS, format_address, parse_address, resolve_authkey, warn_unknown_variables
 from .errors import BrokerUnavailable, ClusterShutdown, JobTimeout, MpqueueError, WorkerLost
@@ -373,9 +373,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         try:
             reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
             self._max_payload: int = reply.max_payload
-            # On the broker's host (connected over its local socket), large
-            # arguments go through shared memory (`shm`).
-            self._shm = local.is_local(self.address) and shm.available()
+            # Where the broker's /dev/shm is ours too, large arguments go through it (`shm`).
+            self._shm = shm.shares(reply.shm_probe)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -768,7 +767,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__, True, tuple(pending)))
         where = format_address(self.address)
         if reply.known:
-            self._max_payload = reply.max_payload
+            self._max_payload, self._shm = reply.max_payload, shm.shares(reply.shm_probe)
             if reply.missing:
                 self._lose(reply.missing, BrokerUnavailable(
                     f"the broker at {where} came back without this job (its journal lost it)"))
@@ -782,7 +781,8 @@ class Client(_Submitter, concurrent.futures.Executor):
             error.final = True      # not retried: the broker is up, and will not remember
             raise error
         # Nothing was lost: carry on with this broker, numbering results afresh.
-        self._max_payload = self._broker.register(self.session, ClientHello(os.getpid(), __version__)).max_payload
+        reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
+        self._max_payload, self._shm = reply.max_payload, shm.shares(reply.shm_probe)
         self._ack = self._acked = 0
 
     def _lose(self, seqs: list[int], error: BaseException) -> None:
@@ -806,7 +806,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         fn, future._fn = future._fn, None     # a done future holds nothing of the job's
         try:
             if delivery.status is Status.OK:
-                result = loads(delivery.payload)
+                result = self._result(delivery.payload)
                 if type(result) is Warned:
                     self._warn(result.warning)
                     result = result.value
@@ -818,6 +818,19 @@ class Client(_Submitter, concurrent.futures.Executor):
         except Exception as e:      # the result would not unpickle here
             future.set_exception(e)
         return True
+
+    def _result(self, payload: bytes) -> Any:
+        """A result, unpickled: read in place if its job's process left it in
+        shared memory (`shm`) on this host, or fetched from the broker."""
+        path = shm.path_of(payload)
+        if path is None:
+            return loads(payload)
+        if os.path.exists(path):
+            return shm.load(path)
+        data = self._broker.payload(self.session, path)
+        if data is None:
+            raise BrokerUnavailable(f"the broker no longer has the job's result ({path})")
+        return loads(data)
 
     def _warn(self, text: str) -> None:
         """Warn, once per text, of a version difference a job ran with

@@ -191,6 +191,8 @@ class Journal:
         payload = delivery.payload
         if isinstance(payload, Failure):
             payload = payload.as_dict()     # as every version wrote it: see `_payload`
+        elif isinstance(payload, bytes):
+            payload = self._inline(payload)
         self._db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (session, number, delivery.seq, int(delivery.status),
                           pickle.dumps(payload, protocol=5), delivery.attempts, created))

@@ -52,12 +52,6 @@ _local_sockets: dict[tuple[str, int], tuple[str, int, str]] = {}
 _unreachable: set[str] = set()
 
 
-def is_local(address: tuple[str, int]) -> bool:
-    """Whether this process reaches the broker at ``address`` over its local
-    socket (it connected once): then it is on the broker's host."""
-    return (address[0], address[1]) in _local_sockets
-
-
 def connect(address: tuple[str, int], authkey: bytes,
             tls: ssl.SSLContext | None = None) -> Connection:
     """Connect and run the handshake (TLS first, with ``tls``), within

@@ -73,12 +73,15 @@ class Child:
         self.ending: Outcome | None = None  # what to report when it dies: we killed it
         self.kill_at: float | None = None   # SIGKILL if still alive then
 
-    def run(self, batch: list[Item], max_payload: int) -> None:
-        """Start a batch; a result that pickles to over ``max_payload`` bytes fails its job."""
+    def run(self, batch: list[Item], max_payload: int, shm_tag: str | None = None) -> None:
+        """Start a batch; a result that pickles to over ``max_payload`` bytes
+        fails its job. With ``shm_tag`` (the worker is on its broker's host),
+        a large result goes through shared memory (`shm`)."""
         self.batch = batch
         self.started = time.monotonic()
         try:
-            self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}, max_payload))
+            self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}, max_payload,
+                            shm_tag))
         except OSError:
             pass    # it just died: its sentinel will say so, and the batch is handled then
 
@@ -331,10 +334,10 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
             return      # the worker is gone
         if message is None:
             return
-        tasks, blobs, max_payload = message
+        tasks, blobs, max_payload, shm_tag = message
         results = []
         for task in tasks:
-            status, payload, retryable = _execute(task, blobs[task.fn], functions, max_payload)
+            status, payload, retryable = _execute(task, blobs[task.fn], functions, max_payload, shm_tag)
             results.append((task.id, int(status), payload, retryable))
         try:
             conn.send(results)
@@ -342,7 +345,8 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
             return
 
 
-def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int) -> tuple[Status, bytes, bool]:
+def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int,
+             shm_tag: str | None = None) -> tuple[Status, bytes, bool]:
     shared._job = (task.id, task.attempt)
     try:
         fn, warning = _function(task.fn, blob, functions)
@@ -366,6 +370,9 @@ def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int) 
     error = too_large("the job's result pickles", len(payload), max_payload)
     if error is not None:
         return Status.ERROR, pack_exception(error, task.attempt), False
+    if shm_tag is not None and len(payload) >= shm.THRESHOLD:
+        # Held by the worker until the broker has it: the worker is its owner.
+        payload = shm.write(payload, shm_tag, owner=os.getppid()) or payload
     return Status.OK, payload, False
 
 

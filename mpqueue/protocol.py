@@ -184,6 +184,7 @@ class WorkerWelcome(NamedTuple):
     new: bool                       # not the broker named in the hello: the ids it held mean nothing
     unknown: list[int]              # running jobs this broker does not know: stop them
     max_payload: int                # the cluster's limit on a result (`too_large`)
+    shm_probe: str = ""             # a file the broker made in its /dev/shm: seen here, large results go there
 
 
 class ClientHello(NamedTuple):
@@ -199,6 +200,7 @@ class ClientWelcome(NamedTuple):
     known: bool                     # the broker had this session
     missing: list[int] = []         # of the pending jobs, those it has neither queued nor finished
     max_payload: int = 0            # the cluster's limit on a job's function and arguments
+    shm_probe: str = ""             # as `WorkerWelcome.shm_probe`, for large arguments
 
 
 class Delivery(NamedTuple):

@@ -1,30 +1,34 @@
-"""Large job arguments through shared memory, between processes of the broker's host.
+"""Large payloads through shared memory, between processes of the broker's host.
 
-A client on the broker's host writes an argument payload of `THRESHOLD`
-bytes or more once, into a file under ``/dev/shm``, and sends its name in
-its place (`reference`); the broker passes the name on, and a job's process
-on that host reads the file in place (`load`). A worker on another host
-cannot see the file: it asks the broker for the bytes (`Broker.payload`).
-So the payload crosses no socket on one host, and the broker holds none of
-it in memory.
+A client on the broker's host writes a job's arguments of `THRESHOLD` bytes
+or more once, into a file under ``/dev/shm``, and sends its name in their
+place (`write`); the broker passes the name on, and the job's process on
+that host reads the file in place (`load`). A large result goes back the
+same way, written by the job's process when its worker is on the broker's
+host. A process that cannot see the file (on another host) asks the broker
+for the bytes (`Broker.payload`). So a payload crosses no socket on one
+host, and the broker holds none of it in memory.
 
-Who removes a file: the broker, when it forgets the job (finished,
-withdrawn, its client gone). A file no job of a live broker references and
-whose writer has died is removed by any broker on the host when it sweeps
-(`sweep`, at its start and then every few seconds): so nothing stays in
-``/dev/shm`` after a ``kill -9`` of any process, once a broker runs on the
-host (the one killed, started again, or another).
-A broker with a journal copies the bytes into it (durability first), and
-removes those files when it starts again from it. File names: ``mpqueue-SESSION-PID-N``,
-SESSION the first 12 digits of the client's session, PID the writer's.
+Who removes a file: the broker, when nobody needs it any more (the job
+forgotten: finished, withdrawn, its client gone; the result acknowledged,
+expired, or without a client). A file that no job or result of a live
+broker refers to, and whose owner (the process that holds the reference
+until the broker has it) has died, is removed by any broker on the host
+when it sweeps (`sweep`, at its start and then every few seconds): so
+nothing stays in ``/dev/shm`` after a ``kill -9`` of any process, once a
+broker runs on the host. A broker with a journal copies the bytes into it
+(durability first), and removes those files when it starts again from it.
+
+File names: ``mpqueue-TAG-OWNER-WRITER.N``: TAG the first 12 characters of
+the client's session or the worker's id, OWNER and WRITER process ids.
 """
-
 from __future__ import annotations
 
 import itertools
 import mmap
 import os
 import pickle
+import secrets
 from typing import Any, Iterable
 
 #: Payloads this large or larger go through shared memory.
@@ -38,11 +42,14 @@ def available() -> bool:
     return os.path.isdir(DIRECTORY) and os.access(DIRECTORY, os.W_OK)
 
 
-def write(data: bytes, session: str) -> bytes | None:
-    """Store ``data`` for a job of the client ``session``: the reference to
-    send instead, or None if it cannot be stored (no room: the caller sends
-    the bytes themselves)."""
-    path = os.path.join(DIRECTORY, f"mpqueue-{session[:12]}-{os.getpid()}-{next(_counter)}")
+def write(data: bytes, tag: str, owner: int | None = None) -> bytes | None:
+    """Store ``data``: the reference to send instead, or None if it cannot be
+    stored (no room: the caller sends the bytes themselves). ``tag`` names
+    whose it is (a client's session, a worker's id); ``owner`` is the
+    process that holds the reference until a broker has it (the writer by
+    default; a job's process writes for its worker)."""
+    owner = os.getpid() if owner is None else owner
+    path = os.path.join(DIRECTORY, f"mpqueue-{tag[:12]}-{owner}-{os.getpid()}.{next(_counter)}")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:
@@ -54,6 +61,26 @@ def write(data: bytes, session: str) -> bytes | None:
         remove(path)
         return None
     return _PREFIX + path.encode()
+
+
+def probe() -> str:
+    """A file in this host's /dev/shm, made by a broker: a client or worker
+    that sees it shares that /dev/shm (not only the host: a container may
+    have one of its own), and may leave payloads there. Empty if there is
+    no /dev/shm to use."""
+    if not available():
+        return ""
+    path = os.path.join(DIRECTORY, f"mpqueue-{secrets.token_hex(6)}-{os.getpid()}-{os.getpid()}.probe")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return ""
+    return path
+
+
+def shares(probe_path: str) -> bool:
+    """Whether this process sees the broker's /dev/shm (`probe`)."""
+    return bool(probe_path) and os.path.exists(probe_path)
 
 
 def path_of(payload: bytes) -> str | None:

@@ -196,6 +196,7 @@ class BrokerState:
         self.out = Effects()
         self._dirty: set[int] = set()                  # jobs whose attempts changed, for the journal
         self.shared = SharedObjects()                  # `mpqueue.shared`'s objects
+        self.shm_probe = ""                            # `shm.probe`: a file of the broker's /dev/shm
         self._holders_check_at: float | None = None    # after a restore: release holders not back by then
         self._fetchers: deque[_Parked] = deque()       # parked fetch calls, oldest first
         self._recheck_fetchers = False                 # a worker left or rejoined: look at them
@@ -411,7 +412,7 @@ class BrokerState:
                 self._lease_back(worker, old, hello.running, hello.finished)
             return WorkerWelcome(self.settings.heartbeat_interval, self.id, new,
                                  [i for i in hello.running if new or i not in self._jobs],
-                                 int(self.settings.max_payload))
+                                 int(self.settings.max_payload), self.shm_probe)
         # A client reconnecting to a broker that restarted without its
         # session (no journal, or it expired) is told so, and not taken on.
         known = session in self._clients
@@ -424,7 +425,7 @@ class BrokerState:
         finished = {delivery.seq for _, delivery, _ in client.results}
         missing = [seq for seq in hello.pending
                    if seq not in client.jobs and seq not in finished and seq not in client.withdrawn]
-        return ClientWelcome(known, missing, int(self.settings.max_payload))
+        return ClientWelcome(known, missing, int(self.settings.max_payload), self.shm_probe)
 
     def _lease_back(self, worker: _Worker, old: _Worker | None, running: Iterable[int],
                     finished: Iterable[int]) -> None:
@@ -643,8 +644,16 @@ class BrokerState:
         return tasks, functions
 
     def payload_files(self) -> set[str]:
-        """The shared-memory files (`shm`) the jobs held here refer to."""
-        return {path for job in self._jobs.values() if (path := shm.path_of(job.task.payload)) is not None}
+        """The shared-memory files (`shm`) the jobs and results held here refer to."""
+        files = {path for job in self._jobs.values() if (path := shm.path_of(job.task.payload)) is not None}
+        files.update(path for client in self._clients.values() for _, delivery, _ in client.results
+                     if isinstance(delivery.payload, bytes) and (path := shm.path_of(delivery.payload)) is not None)
+        return files
+
+    def _drop_payload(self, payload: Any) -> None:
+        """A result no one will read: its shared-memory file (`shm`), if any, goes."""
+        if isinstance(payload, bytes) and (path := shm.path_of(payload)) is not None:
+            self.out.remove.append(path)
 
     def code(self, key: bytes) -> bytes | None:
         """A bundle of shipped code, for a worker that lacks it."""
@@ -667,6 +676,7 @@ class BrokerState:
         for outcome in outcomes:
             job = self._jobs.get(outcome.id)
             if job is None:
+                self._drop_payload(outcome.payload)
                 continue    # finished already: a duplicate from a re-run
             self._dirty.add(outcome.id)
             holder = self._workers.get(job.worker) if job.worker else None
@@ -744,6 +754,7 @@ class BrokerState:
             self._failed += 1
         client = self._clients.get(job.client)
         if client is None:
+            self._drop_payload(payload)
             return      # its client is gone: nobody to tell
         number, delivery = next(client.numbers), Delivery(job.seq, status, payload, job.attempts)
         self._record("result", job.client, number, delivery)
@@ -769,7 +780,7 @@ class BrokerState:
         results = client.results
         if results and results[0][0] <= ack:
             while results and results[0][0] <= ack:
-                results.popleft()
+                self._drop_payload(results.popleft()[1].payload)
             self._record("acknowledged", session, ack)
         kicked = (client.kicked is not None and client.kicked[1] is not reply
                   and (urgent or client.kicked[0] is Kick.CLOSING))
@@ -810,6 +821,8 @@ class BrokerState:
         """Forget a client: it said goodbye, or (``failed``) it was gone too long."""
         client = self._clients.pop(session)
         self.shared.group_ended(f"client:{session}", failed)
+        for _, delivery, _ in client.results:
+            self._drop_payload(delivery.payload)
         for job_id in list(client.jobs.values()):
             self._withdraw(self._jobs[job_id])
         self._record("client_gone", session)
@@ -993,7 +1006,9 @@ class BrokerState:
         for session, client in list(self._clients.items()):
             expired = []
             while client.results and client.results[0][2] < ttl:
-                expired.append(client.results.popleft()[0])
+                number, delivery, _ = client.results.popleft()
+                expired.append(number)
+                self._drop_payload(delivery.payload)
             if expired:
                 log.info("%d results of client %s expired uncollected", len(expired), session[:12])
                 self._record("expired", session, expired)

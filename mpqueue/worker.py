@@ -101,6 +101,7 @@ class Worker:
         self._prepared: OrderedDict[bytes, None] = OrderedDict()  # functions whose code is here (`_prepare`)
         self._packages: dict[str, str | None] = {}      # this host's versions of packages jobs asked for
         self._packages_new: dict[str, str | None] = {}  # of those, the ones the broker has not heard of
+        self._shm_tag: str | None = None    # set when registered on the broker's host: large results via `shm`
         self._stop = Stop.NONE
         self._stopped = threading.Event()   # set with _stop: ends the wait for a broker at start
         self._reporting = False
@@ -199,6 +200,7 @@ class Worker:
                     self._finished.extend(o.id for o in outcomes)
                     self._in_hand -= len(outcomes)
                     if self._orphans:
+                        _drop_files([o for o in outcomes if o.id in self._orphans])
                         outcomes = [o for o in outcomes if o.id not in self._orphans]
                         self._orphans.difference_update(self._finished)
                     self._note_running(pool)
@@ -221,7 +223,7 @@ class Worker:
         started = []
         while idle and self._inbox:
             child = idle.pop()
-            child.run(self._take_batch(pool, child), self._max_payload)
+            child.run(self._take_batch(pool, child), self._max_payload, self._shm_tag)
             started.append(child)
         self._note_running(pool)
         return any(c.deadline() is not None for c in started) or bool(started and pool.max_memory)
@@ -250,6 +252,8 @@ class Worker:
                 self._outbox[:0] = outcomes
                 self._packages_new = {**packages, **self._packages_new}
                 self._lock.notify_all()
+            else:
+                _drop_files(outcomes)
 
     def _take_batch(self, pool: ProcessPool, child) -> list:
         """The next jobs for one child: several of one function if it is short."""
@@ -289,11 +293,14 @@ class Worker:
                                                           self._broker_id, tuple(running), tuple(finished)))
         self._heartbeat = reply.heartbeat_interval     # the broker's timeout is what counts
         self._max_payload = reply.max_payload
+        # Where the broker's /dev/shm is ours too, large results go through it (`shm`).
+        self._shm_tag = self.id if shm.shares(reply.shm_probe) else None
         with self._lock:
             # A different broker than before (restarted without its journal):
             # the job ids we hold mean nothing to it, or another job.
             new = reply.new and self._broker_id is not None
             if new:
+                _drop_files(self._outbox)
                 dropped, self._outbox = len(self._outbox), []
                 self._finished.clear()
                 self._drop_on_arrival.clear()
@@ -514,6 +521,13 @@ class Worker:
                 pass
         except BlockingIOError:
             pass
+
+
+def _drop_files(outcomes: list) -> None:
+    """Outcomes no broker will get: their shared-memory files (`shm`) go."""
+    for outcome in outcomes:
+        if isinstance(outcome.payload, bytes) and (path := shm.path_of(outcome.payload)) is not None:
+            shm.remove(path)
 
 
 def _size(outcome) -> int:

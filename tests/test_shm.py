@@ -27,6 +27,10 @@ def ours(pids) -> list[str]:
     return [p for p in glob.glob(os.path.join(shm.DIRECTORY, "mpqueue-*")) if int(p.split("-")[2]) in pids]
 
 
+def produce(size: int) -> bytes:
+    return os.urandom(size)
+
+
 def describe(data: bytes, seconds: float = 0) -> tuple[int, bytes]:
     time.sleep(seconds)
     return len(data), data[-4:]
@@ -44,6 +48,16 @@ def test_a_big_argument_goes_through_shared_memory_and_its_file_goes_with_its_jo
     assert [f.result(30) for f in futures] == [(BIG, b[-4:]) for b in blobs]
     eventually(lambda: not ours({os.getpid()}), "the files to be removed")
     assert client.submit(describe, b"small").result(30) == (5, b"mall")     # small ones inline
+
+
+def test_a_big_result_comes_back_through_shared_memory_and_its_file_goes_when_acknowledged(cluster):
+    worker = cluster.start_worker(2)
+    client = cluster.client()
+    results = [client.submit(produce, BIG + i) for i in range(3)]
+    assert [len(f.result(30)) for f in results] == [BIG, BIG + 1, BIG + 2]
+    assert len({f.result() for f in results}) == 3
+    client.shutdown()       # it acknowledges what it has: the last files go
+    eventually(lambda: not ours({worker.pid}), "the result files to be removed")
 
 
 CLIENT = """
@@ -94,19 +108,50 @@ def test_a_journal_keeps_the_bytes_and_its_restart_removes_the_files(empty, tmp_
     assert future.result(60) == (BIG, blob[-4:])
 
 
-def test_a_worker_that_cannot_see_the_file_gets_the_bytes_from_the_broker(empty):
-    """A worker with a /dev/shm of its own, as one on another host has."""
+def own_dev_shm(command: str) -> list[str]:
+    """``command`` run with a /dev/shm of its own, as a process on another
+    host (or in a container) has; skips where that cannot be made."""
     unshare = shutil.which("unshare")
     if unshare is None or os.geteuid() != 0:
-        pytest.skip("needs root and unshare(1) for a worker with a /dev/shm of its own")
+        pytest.skip("needs root and unshare(1) for a /dev/shm of its own")
     probe = subprocess.run([unshare, "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True)
     if probe.returncode:
         pytest.skip(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
+    return [unshare, "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {command}"]
+
+
+ISOLATED_CLIENT = """
+import os, sys
+from mpqueue import Client
+def echo_size(data):
+    return os.urandom(len(data) + 1)
+with Client(sys.argv[1]) as c:
+    print("shm", c._shm)
+    print(len(c.submit(echo_size, os.urandom(2 << 20)).result(60)))
+"""
+
+
+def test_a_client_with_a_dev_shm_of_its_own_sends_and_gets_bytes(cluster, tmp_path):
+    """It shares the broker's local socket but not its /dev/shm (a container
+    on the host's network): its arguments go inline, and the result the job
+    left in shared memory comes from the broker."""
+    script = tmp_path / "client.py"
+    script.write_text(ISOLATED_CLIENT)
+    cluster.start_worker(1)
+    result = subprocess.run(own_dev_shm(f"{sys.executable} {script} {cluster.address}"), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["shm", "False", str((2 << 20) + 1)]
+
+
+def test_a_worker_that_cannot_see_the_file_gets_the_bytes_from_the_broker(empty):
+    """A worker with a /dev/shm of its own, as one on another host has."""
+    command = own_dev_shm("true")[:-1]
     empty.start_broker()
     client = empty.client()
     blob = os.urandom(BIG)
     future = client.submit(describe, blob)
     eventually(lambda: ours({os.getpid()}), "the payload file")
-    empty.popen([unshare, "-m", "sh", "-c", f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} -m mpqueue "
-                 f"worker {empty.address} --procs 1"], "worker")
+    empty.popen([*command, f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} -m mpqueue worker "
+                 f"{empty.address} --procs 1"], "worker")
     assert future.result(60) == (BIG, blob[-4:])
