@@ -242,9 +242,12 @@ class Broker:
         """Remove shared-memory payload files of this host that no job here
         refers to and whose writer died (`shm.sweep`). Called by the main
         thread at start and then every few seconds."""
+        candidates = shm.orphans()     # most often none: then the jobs need no look
+        if not candidates:
+            return
         with self._lock:
             referenced = self._state.payload_files()
-        removed = shm.sweep(referenced)
+        removed = shm.sweep(candidates, referenced)
         if removed:
             log.info("removed %d payload files of processes gone from %s", removed, shm.DIRECTORY)
 

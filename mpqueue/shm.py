@@ -116,25 +116,29 @@ def remove(path: str) -> None:
         pass
 
 
-def sweep(referenced: Iterable[str]) -> int:
-    """Remove the files on this host whose writer has died and that no job
-    of this broker refers to. How many it removed. (A live writer's file may
-    be on its way to a broker: it stays, until that writer is gone.)"""
-    keep = set(referenced)
-    removed = 0
+def orphans() -> list[str]:
+    """The payload files on this host whose owner has died: candidates for
+    removal, unless a broker's job or result still refers to one (`sweep`).
+    A live owner's file may be on its way to a broker: it stays."""
     try:
         names = os.listdir(DIRECTORY)
     except OSError:
-        return 0
+        return []
+    found = []
     for name in names:
         parts = name.split("-")
-        path = os.path.join(DIRECTORY, name)
-        if len(parts) != 4 or parts[0] != "mpqueue" or not parts[2].isdigit() or path in keep:
-            continue
-        if not _alive(int(parts[2])):
-            remove(path)
-            removed += 1
-    return removed
+        if len(parts) == 4 and parts[0] == "mpqueue" and parts[2].isdigit() and not _alive(int(parts[2])):
+            found.append(os.path.join(DIRECTORY, name))
+    return found
+
+
+def sweep(candidates: Iterable[str], referenced: Iterable[str]) -> int:
+    """Remove the `orphans` that no job or result refers to; how many."""
+    keep = set(referenced)
+    gone = [path for path in candidates if path not in keep]
+    for path in gone:
+        remove(path)
+    return len(gone)
 
 
 def _alive(pid: int) -> bool:
