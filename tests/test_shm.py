@@ -155,3 +155,38 @@ def test_a_worker_that_cannot_see_the_file_gets_the_bytes_from_the_broker(empty)
     empty.popen([*command, f"mount -t tmpfs tmpfs /dev/shm && exec {sys.executable} -m mpqueue worker "
                  f"{empty.address} --procs 1"], "worker")
     assert future.result(60) == (BIG, blob[-4:])
+
+
+FULL = """
+import os
+from mpqueue import Client
+def echo_size(data):
+    return os.urandom(len(data) + 1)
+with Client() as c:
+    print("shm", c._shm)
+    print(len(c.submit(echo_size, os.urandom(3 << 20)).result(60)))
+    print(os.listdir("/dev/shm") == [n for n in os.listdir("/dev/shm") if n.endswith(".probe")])
+"""
+
+
+def test_a_full_dev_shm_sends_the_bytes_instead(isolated, tmp_path):
+    """A private cluster whose /dev/shm holds 1 MiB: neither the 3 MiB
+    argument nor the result fits, and both travel as bytes."""
+    script = tmp_path / "full.py"
+    script.write_text(FULL)
+    command = own_dev_shm("true")[:-1]
+    result = subprocess.run([*command, f"mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} "
+                             f"{script}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["shm", "True", str((3 << 20) + 1), "True"]
+
+
+def test_arguments_whose_file_is_gone_fail_their_job_saying_so(cluster):
+    client = cluster.client()
+    future = client.submit(describe, os.urandom(BIG))
+    eventually(lambda: ours({os.getpid()}), "the payload file")
+    for path in ours({os.getpid()}):
+        os.unlink(path)
+    cluster.start_worker(1)
+    with pytest.raises(FileNotFoundError, match="the job's arguments in .* are gone"):
+        future.result(30)
