@@ -228,11 +228,12 @@ class Broker:
             state.submit(session, submissions, functions, time.monotonic(), code)
 
     def payload(self, session: str, path: str, *, caller: Caller | None = None) -> bytes | None:
-        """A job's arguments a client of this host left in shared memory
-        (`shm`), for a worker on another host; None if no job refers to it."""
-        with self._lock:
-            if path not in self._state.payload_files():
-                return None
+        """A job's arguments or result a process of this host left in shared
+        memory (`shm`), for one that cannot see the file; None if it is not
+        such a file (the name is checked, not looked up among the jobs: that
+        would take the lock for a walk of all of them, per task)."""
+        if not shm.is_payload_file(path):
+            return None
         try:
             return shm.read(path)
         except OSError:

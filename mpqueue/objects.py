@@ -287,7 +287,7 @@ def _dict_pop(obj, owner, key):
     return True, (found is not None, found), found is not None
 
 
-def _dict_len(obj, owner):
+def _len(obj, owner):
     return True, len(obj.value), False
 
 
@@ -437,13 +437,13 @@ def _whose(group: str) -> str:
 _OPS: dict[tuple[str, str], Callable[..., tuple[bool, Any, bool]]] = {
     ("counter", "add"): _counter_add, ("counter", "get"): _get,
     ("dict", "set"): _dict_set, ("dict", "update"): _dict_update, ("dict", "get"): _dict_get,
-    ("dict", "pop"): _dict_pop, ("dict", "len"): _dict_len, ("dict", "contains"): _dict_contains,
+    ("dict", "pop"): _dict_pop, ("dict", "len"): _len, ("dict", "contains"): _dict_contains,
     ("dict", "items"): _dict_items,
     ("list", "append"): _list_append, ("list", "extend"): _list_extend, ("list", "getitem"): _list_getitem,
-    ("list", "setitem"): _list_setitem, ("list", "pop"): _list_pop, ("list", "len"): _dict_len,
+    ("list", "setitem"): _list_setitem, ("list", "pop"): _list_pop, ("list", "len"): _len,
     ("list", "items"): _list_items,
     ("value", "get"): _get, ("value", "set"): _value_set, ("value", "cas"): _value_cas,
-    ("queue", "put"): _queue_put, ("queue", "get"): _queue_get, ("queue", "len"): _dict_len,
+    ("queue", "put"): _queue_put, ("queue", "get"): _queue_get, ("queue", "len"): _len,
     ("lock", "acquire"): _lock_acquire, ("lock", "release"): _lock_release, ("lock", "locked"): _lock_locked,
     ("rlock", "acquire"): _lock_acquire, ("rlock", "release"): _lock_release, ("rlock", "locked"): _lock_locked,
     ("semaphore", "acquire"): _semaphore_acquire, ("semaphore", "release"): _semaphore_release,

@@ -124,12 +124,22 @@ def orphans() -> list[str]:
         names = os.listdir(DIRECTORY)
     except OSError:
         return []
-    found = []
-    for name in names:
-        parts = name.split("-")
-        if len(parts) == 4 and parts[0] == "mpqueue" and parts[2].isdigit() and not _alive(int(parts[2])):
-            found.append(os.path.join(DIRECTORY, name))
-    return found
+    return [os.path.join(DIRECTORY, name) for name in names
+            if (owner := _owner(name)) is not None and not _alive(owner)]
+
+
+def is_payload_file(path: str) -> bool:
+    """Whether ``path`` names a payload file (`write`, `probe`): what a
+    broker agrees to read for a process that cannot (`Broker.payload`)."""
+    return os.path.dirname(path) == DIRECTORY and _owner(os.path.basename(path)) is not None
+
+
+def _owner(name: str) -> int | None:
+    """The owner's pid in a payload file's name, None for another file."""
+    parts = name.split("-")
+    if len(parts) == 4 and parts[0] == "mpqueue" and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def sweep(candidates: Iterable[str], referenced: Iterable[str]) -> int:
