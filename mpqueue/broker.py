@@ -49,6 +49,9 @@ from .transport import DEFERRED, Caller
 
 log = logging.getLogger("mpqueue.broker")
 
+#: How often a broker removes shared-memory payload files left by dead processes (`shm.sweep`).
+SWEEP_INTERVAL = 5.0
+
 
 def _first_id() -> int:
     """Where a broker starts numbering jobs: the clock, in microseconds.
@@ -128,7 +131,9 @@ class Broker:
             journal.inlined_removed()
             log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
                      journal.path, *counts)
-        threading.Thread(target=self._run_timer, name="timer", daemon=True).start()
+        self._closed = False
+        self._timer_thread = threading.Thread(target=self._run_timer, name="timer", daemon=True)
+        self._timer_thread.start()
 
     @property
     def id(self) -> str:
@@ -183,7 +188,7 @@ class Broker:
 
     def _run_timer(self) -> None:
         """Queue retries when due, and answer parked calls whose wait ran out."""
-        while True:
+        while not self._closed:
             try:
                 with self._changing() as state:
                     state.expire(time.monotonic())
@@ -191,6 +196,8 @@ class Broker:
                 log.exception("internal error in the broker's timer")
                 time.sleep(1)
             with self._lock:
+                if self._closed:
+                    return
                 at = self._timer_at = self._state.next_deadline()
                 self._timer.wait(None if at is None else max(0.0, at - time.monotonic()))
                 self._timer_at = None
@@ -368,6 +375,32 @@ class Broker:
                 self._control.wait(remaining)
 
     # -- upkeep -----------------------------------------------------------
+
+    def upkeep(self) -> None:
+        """Until a shutdown has drained: `tick` about once per heartbeat
+        interval, `release_memory`, and `sweep_payloads` every `SWEEP_INTERVAL`.
+        The broker's main thread (`mpqueue broker`), or a thread of the
+        process a private cluster's broker runs in (`cluster.LocalCluster`)."""
+        next_sweep = 0.0
+        while not self.tick():
+            self.release_memory()
+            if time.monotonic() >= next_sweep:
+                self.sweep_payloads()
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+            if self.shutdown_event.is_set():
+                time.sleep(0.1)     # draining: a few ticks, then we are done
+            else:
+                self.shutdown_event.wait(self.settings.heartbeat_interval)
+
+    def close(self) -> None:
+        """End the timer thread and remove the /dev/shm probe: for a broker in
+        a process that goes on (a private cluster's); a broker process just
+        exits. (After a kill -9, the next broker's sweep removes the probe.)"""
+        with self._lock:
+            self._closed = True
+            self._timer.notify()
+        self._timer_thread.join()
+        shm.remove(self.shm_probe)
 
     def tick(self) -> bool:
         """Expire silent workers and departed clients, and drain on shutdown.

@@ -36,9 +36,6 @@ from .errors import ConfigError, MpqueueError
 
 broker_log = logging.getLogger("mpqueue.broker")
 
-#: How often a broker removes shared-memory payload files left by dead processes (`shm.sweep`).
-SWEEP_INTERVAL = 5.0
-
 ADDRESS_HELP = "HOST:PORT of the broker [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]"
 
 
@@ -191,16 +188,7 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
     server.start()
     try:
         on_ready(cast("tuple[str, int]", server.address))   # the socket's, once bound
-        next_sweep = 0.0
-        while not broker.tick():
-            broker.release_memory()
-            if time.monotonic() >= next_sweep:
-                broker.sweep_payloads()
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-            if broker.shutdown_event.is_set():
-                time.sleep(0.1)     # draining: a few ticks, then we exit
-            else:
-                broker.shutdown_event.wait(settings.heartbeat_interval)
+        broker.upkeep()
         broker_log.info("shut down")
     except KeyboardInterrupt:
         broker_log.info("stopped")

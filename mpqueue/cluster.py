@@ -2,20 +2,25 @@
 
 `LocalCluster` is the private broker and worker of a `Client()` with no
 address (and of `Pool()`, and of the joblib backend); `stop_process` is the
-ladder that stops one of them; `usable_cpus` and `cluster_procs` count the
+ladder that stops a process; `usable_cpus` and `cluster_procs` count the
 cores here and the processes of a cluster's workers.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+import traceback
 
 from .config import SETTINGS, format_address
-from .errors import BrokerUnavailable, MpqueueError
 from .transport import connect
 
 
@@ -36,73 +41,182 @@ def cluster_procs(address: tuple[str, int], authkey: bytes) -> int:
 
 
 class LocalCluster:
-    """A private broker and worker, as subprocesses, for a `Client` with no address.
+    """A private broker and worker for a `Client` with no address (and for
+    `Pool()`, and the joblib backend).
 
-    They get a fresh random authkey, listen on loopback only, and hold a pipe
-    from this process on their stdin: should this process die without
-    stopping them, they see the pipe close and exit. They run in a session
-    of their own: Ctrl-C in the terminal signals its foreground process
-    group, and they must not take it as theirs (the broker would stop at
-    once, under a client still using it); the client decides what Ctrl-C
-    means, and stops them.
+    The broker runs in this process: the same `Broker` and `BrokerServer` as
+    `mpqueue broker`, in threads, on loopback, with a fresh random authkey.
+    The worker is a process of its own (jobs never run here): forked from
+    this one while it has a single thread, so that it needs no interpreter to
+    start nor modules to import, and forks its first children at once
+    (`ProcessPool`'s ``fork_first``). A process with threads already (a
+    second private cluster, a notebook's kernel) is not forked, whatever its
+    threads hold: the worker is started as ``python -m mpqueue worker``, as on
+    any host, which takes a few tenths of a second longer.
+
+    The worker dies with this process, even by ``kill -9``: a forked one by
+    ``PR_SET_PDEATHSIG``, a started one when the pipe it holds on its stdin
+    closes; either way its children follow (`pool`). It runs in a session of
+    its own: Ctrl-C in the terminal signals its foreground process group,
+    and the worker must not take it as its own; the client decides what
+    Ctrl-C means (`Client._interrupted`), and stops it.
     """
 
     def __init__(self, procs: int | None = None):
-        self.authkey = secrets.token_hex(32).encode()
-        env = dict(os.environ, MPQUEUE_AUTHKEY=self.authkey.decode(), MPQUEUE_LOG_LEVEL="WARNING")
-        # Let the worker import what this script can: its directory first.
-        path = [os.path.abspath(sys.path[0] or os.curdir)]
-        if env.get("PYTHONPATH"):
-            path.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(path)
-        command = [sys.executable, "-m", "mpqueue"]
-        self.processes: list[subprocess.Popen] = []
-        # Reserve a port (bound, not listening: the broker can bind it too, no
-        # one else can) so that broker and worker start at the same time.
-        with socket.socket() as reservation:
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            reservation.bind(("127.0.0.1", 0))
-            self.address = reservation.getsockname()
-            port = str(self.address[1])
-            self.broker = self._start(command + ["broker", "--port", port, "--lifeline"], env,
-                                      stdout=subprocess.PIPE)
-            worker = command + ["worker", format_address(self.address), "--lifeline"]
-            if procs:
-                worker += ["--procs", str(procs)]
-            self._start(worker, env)
-            line = self.broker.stdout.readline().decode() if self.broker.stdout else ""
-        if "listening on" not in line:
-            self.stop()
-            raise BrokerUnavailable(f"the local broker did not start: {line.strip() or 'no output'}")
+        # Imported here: a client of a remote cluster needs none of the broker.
+        from .broker import Broker
+        from .transport import BrokerServer
 
-    def _start(self, command: list[str], env: dict, **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, start_new_session=True, **kwargs)
-        self.processes.append(process)
-        return process
+        self.authkey = secrets.token_hex(32).encode()
+        self.processes: list = []      # the worker's: a subprocess.Popen, or a `_Forked`
+        listening = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.address = listening.getsockname()
+        # Before any thread of ours starts: the worker connects meanwhile,
+        # and waits in the listening socket's backlog.
+        forked = _single_threaded() and sys.platform.startswith("linux")
+        if forked:
+            self.processes.append(_fork_worker(self.address, self.authkey, procs, listening))
+        self.broker = Broker(SETTINGS)
+        self._server = BrokerServer(self.broker, listening, self.authkey)
+        self._server.start()
+        broker_log = logging.getLogger("mpqueue.broker")
+        if broker_log.level == logging.NOTSET:      # as quiet as a broker process of ours
+            broker_log.setLevel(logging.WARNING)
+        self._upkeep = threading.Thread(target=self.broker.upkeep, name="mpqueue-broker", daemon=True)
+        self._upkeep.start()
+        if not forked:
+            self.processes.append(_start_worker(self.address, self.authkey, procs))
 
     def stop(self) -> None:
-        """Shut the cluster down: ask (the shutdown event), wait, terminate, kill.
+        """Shut the cluster down: set its shutdown event, so that the worker
+        finishes its running jobs and leaves; wait for it (then terminate,
+        kill: `stop_process`); then close the broker.
 
-        The broker exits once its worker has left; then the worker is told
-        to stop through its lifeline: one that had not joined the broker yet
-        (a cluster stopped as soon as it started) would otherwise wait for a
-        broker that is gone.
+        A worker that had not joined the broker yet (a cluster stopped as soon
+        as it started) is told through its lifeline (a started one) or
+        SIGTERM (a forked one) once the broker has drained: it would otherwise
+        wait for a broker that is gone.
         """
-        if getattr(self, "address", None) is not None:
-            try:
-                _, event = connect(self.address, self.authkey)
-                event.set()
-                event.close()
-            except MpqueueError:
-                pass
-        for process in self.processes:      # the broker, then the worker
-            if process is not self.broker and process.stdin:
+        self.broker.shutdown_event.set()
+        self._upkeep.join(SETTINGS.child_grace + 3)     # drained: the worker has left, or never came
+        for process in self.processes:
+            if process.stdin:
                 process.stdin.close()
             stop_process(process, SETTINGS.child_grace + 3)
-            if process.stdin and not process.stdin.closed:
-                process.stdin.close()
-            if process.stdout:
-                process.stdout.close()
+        self._server.close()
+        self.broker.close()
+
+
+def _single_threaded() -> bool:
+    """Whether this process has one thread, counting those Python did not
+    start (a library's thread pool): the one case where fork is safe."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fork_worker(address: tuple[str, int], authkey: bytes, procs: int | None,
+                 listening: socket.socket) -> "_Forked":
+    """Fork the worker (this process has a single thread). In the child: a
+    session of its own, death with this process, and the worker's loop; it
+    leaves by ``os._exit``, running nothing this process registered."""
+    parent = os.getpid()
+    for stream in (sys.stdout, sys.stderr):     # or what they hold is written twice
+        if stream is not None:
+            stream.flush()
+    pid = os.fork()
+    if pid:
+        return _Forked(pid)
+    code = 1
+    try:
+        os.setsid()
+        if _die_with(parent):
+            listening.close()
+            gc.freeze()     # this process's objects are not ours to collect (nor their finalizers to run)
+            code = _run_worker(address, authkey, procs)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _die_with(parent: int) -> bool:
+    """Have the kernel SIGKILL this process when ``parent`` (that forked it,
+    from its one thread) exits. False if it has already."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.getppid() == parent
+
+
+def _run_worker(address: tuple[str, int], authkey: bytes, procs: int | None) -> int:
+    """The forked worker's loop, as `mpqueue worker` runs it; its exit code."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # its children are reaped by waiting on them
+    for name in ("mpqueue.worker", "mpqueue.pool"):
+        logger = logging.getLogger(name)    # this process's logging, as its parent set it up
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+    from .worker import Worker
+
+    # No reconnecting: its broker is gone only with the process that forked it.
+    worker = Worker(address, authkey, procs or usable_cpus(), reconnect_timeout=0, fork_first=True)
+    try:
+        return worker.run()
+    except KeyboardInterrupt:
+        return 130
+
+
+def _start_worker(address: tuple[str, int], authkey: bytes, procs: int | None) -> subprocess.Popen:
+    """Start the worker as ``python -m mpqueue worker``, with a pipe from
+    this process on its stdin (``--lifeline``)."""
+    env = dict(os.environ, MPQUEUE_AUTHKEY=authkey.decode(), MPQUEUE_LOG_LEVEL="WARNING")
+    # Let the worker import what this script can: its directory first.
+    path = [os.path.abspath(sys.path[0] or os.curdir)]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    command = [sys.executable, "-m", "mpqueue", "worker", format_address(address), "--lifeline"]
+    if procs:
+        command += ["--procs", str(procs)]
+    return subprocess.Popen(command, env=env, stdin=subprocess.PIPE, start_new_session=True)
+
+
+class _Forked:
+    """A forked worker, as much of `subprocess.Popen` as `stop_process` and
+    callers use."""
+
+    args = ["worker"]
+    stdin = stdout = None
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            time.sleep(0.005)
+        return code
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
 
 
 def stop_process(process: subprocess.Popen, grace: float) -> None:

@@ -20,7 +20,9 @@ with a timeout always runs alone (its clock starts when it does).
 Children are started with the *forkserver* method, explicitly: they are forked
 from a small single-threaded server process rather than from the worker, which
 runs threads (forking a threaded process can copy a lock held by another
-thread), and each starts in milliseconds, without re-importing.
+thread), and each starts in milliseconds, without re-importing. (A private
+cluster's worker forks its first ones itself, before it has threads:
+``fork_first``.)
 
 Who owns what, in the worker and its children: docs/internals.md.
 """
@@ -115,17 +117,28 @@ class ProcessPool:
     ``max_tasks`` recycles a child after that many jobs; ``max_memory`` (bytes
     of RSS) recycles one found over it between jobs and kills one that grows
     past it while running, failing that job.
+
+    ``fork_first``: the first children are forked from this process, which
+    must have a single thread (the worker of a private cluster, itself forked
+    from its client: `cluster.LocalCluster`). They are ready in a millisecond,
+    where the forkserver first needs a new interpreter (two, with its
+    resource tracker) to start and import this module; only their
+    replacements come from it, started when the first one is needed.
     """
 
     def __init__(self, procs: int, max_tasks: int | None = None, max_memory: int | None = None,
-                 link: tuple | None = None):
+                 link: tuple | None = None, fork_first: bool = False):
         self._ctx = multiprocessing.get_context("forkserver")
         self.link = link    # (address, authkey) of the broker, for the jobs' `mpqueue.shared`
         # `mpqueue worker` has started it already, with this same list (cli._start_forkserver).
         self._ctx.set_forkserver_preload(["mpqueue.pool"])
         self.max_tasks = max_tasks
         self.max_memory = max_memory
-        self.children = [Child(self._ctx, self.link) for _ in range(procs)]
+        first: Any = self._ctx
+        if fork_first:
+            _forget_inherited_forkserver()
+            first = multiprocessing.get_context("fork")
+        self.children = [Child(first, self.link) for _ in range(procs)]
         self._retiring: list[Child] = []    # asked to exit; reaped when they do
         self._next_memory_check = 0.0
         #: Moving averages of how long a job takes here (pipe round trip
@@ -296,6 +309,17 @@ def _rss(child: Child) -> int:
 
 
 # -- inside the child ---------------------------------------------------------
+
+def _forget_inherited_forkserver() -> None:
+    """In a process forked from one that ran a forkserver: that one is its
+    parent's, not its own (it could not ask its state: it is not its child).
+    This process starts one of its own when it first needs one."""
+    from multiprocessing import forkserver
+    server: Any = forkserver._forkserver     # its private state, which typeshed does not declare
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+    server._forkserver_alive_fd = server._forkserver_address = server._forkserver_pid = None
+
 
 def _die_with_worker() -> None:
     """Have the kernel kill this child when the worker is gone, even by ``kill -9``.

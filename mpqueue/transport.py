@@ -85,17 +85,19 @@ class Listener:
     socket: the handshake runs in the connection's own thread (`BrokerServer.
     handle_request`), so a peer that says nothing holds up no one else."""
 
-    def __init__(self, address: tuple[str, int], backlog: int = 16):
+    def __init__(self, address: tuple[str, int] | socket.socket, backlog: int = 16):
         # The stdlib server asks for a small backlog; fifty workers starting at
-        # once would see refused connections.
-        self._socket = socket.create_server(address, backlog=max(backlog, 512))
+        # once would see refused connections. A socket is one listening
+        # already (a private cluster's: `cluster.LocalCluster`).
+        self._socket = (address if isinstance(address, socket.socket)
+                        else socket.create_server(address, backlog=max(backlog, 512)))
         self.address = self._socket.getsockname()[:2]
 
     def accept(self) -> socket.socket:
         return self._socket.accept()[0]
 
     def close(self) -> None:
-        self._socket.close()
+        _hang_up(self._socket)
 
 
 managers.listener_client[SERIALIZER] = (Listener, local.connect)   # type: ignore[attr-defined]  # not in typeshed
@@ -109,10 +111,10 @@ class BrokerServer(managers.Server):
     authkey: bytes
     id_to_obj: dict[str, Any]
 
-    def __init__(self, broker, address: tuple[str, int], authkey: bytes):
+    def __init__(self, broker, address: tuple[str, int] | socket.socket, authkey: bytes):
         files = resolve_tls()
         self.tls = None if files is None else tls_context(files, server=True)
-        super().__init__({}, address, authkey, SERIALIZER)
+        super().__init__({}, address, authkey, SERIALIZER)   # type: ignore[arg-type]  # our Listener takes a socket too
         # Our local socket, if any, and its offer to peers on this host (`local`).
         self.local: socket.socket | None
         self.local_offer: list | None
@@ -126,23 +128,59 @@ class BrokerServer(managers.Server):
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         self._refused = 0                   # past MAX_HANDSHAKES, since last logged
         self._refused_logged = 0.0
+        self._closed = False
+        self._threads: set[threading.Thread] = set()    # accepters and connections: `close` ends them
+        self._served: set[int] = set()      # the sockets (fds) of connections past the handshake
+        self._lock = threading.Lock()       # for the two sets above, and _closed
 
     def start(self) -> None:
-        threading.Thread(target=self._accept, args=(self.listener.accept,), name="accepter",
-                         daemon=True).start()
+        self._spawn(self._accept, self.listener.accept, name="accepter")
         if self.local is not None:
-            threading.Thread(target=self._accept, args=(lambda: self.local.accept()[0],),
-                             name="local accepter", daemon=True).start()
+            self._spawn(self._accept, lambda: self.local.accept()[0], name="local accepter")
+
+    def close(self) -> None:
+        """Stop accepting, hang up on every peer, and wait for the threads
+        serving them to end: for a broker in a process that goes on (a
+        private cluster's); a broker process just exits."""
+        with self._lock:
+            self._closed = True
+            for fd in self._served:     # closed by their threads, which hold the lock to do it
+                _hang_up(socket.socket(fileno=fd), close=False)
+        self.listener.close()
+        if self.local is not None:
+            _hang_up(self.local)
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:      # one in a handshake ends within connect_timeout
+            thread.join()
+
+    def _spawn(self, target, *args, name: str | None = None) -> bool:
+        """Run ``target(*args)`` in a thread that `close` waits for; False
+        (and no thread) once closed."""
+        def run():
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            if self._closed:
+                return False
+            self._threads.add(thread)
+        thread.start()
+        return True
 
     def _accept(self, accept_one) -> None:
         """Hand each new connection to a thread of its own (the stdlib's
         accepter, which spins when accept() keeps failing), unless
         `MAX_HANDSHAKES` are under way already."""
-        while True:
+        while not self._closed:
             try:
                 sock = accept_one()
             except OSError:
-                time.sleep(0.1)     # out of file descriptors, say: not a busy loop
+                if not self._closed:
+                    time.sleep(0.1)     # out of file descriptors, say: not a busy loop
                 continue
             if not self._handshakes.acquire(blocking=False):
                 sock.close()
@@ -155,7 +193,9 @@ class BrokerServer(managers.Server):
                         self._refused, MAX_HANDSHAKES, SETTINGS.connect_timeout)
                     self._refused, self._refused_logged = 0, now
                 continue
-            threading.Thread(target=self.handle_request, args=(sock,), daemon=True).start()
+            if not self._spawn(self.handle_request, sock):
+                sock.close()
+                self._handshakes.release()
 
     def handle_request(self, sock: socket.socket) -> None:  # type: ignore[override]  # our Listener hands a socket
         """A new connection, in its own thread: our handshake, then its one request.
@@ -172,6 +212,11 @@ class BrokerServer(managers.Server):
             self._handshakes.release()
         if conn is None:
             return
+        with self._lock:
+            if self._closed:
+                conn.close()
+                return
+            self._served.add(conn.fileno())     # until serve_client closes it, under the lock
         try:
             _, funcname, args, kwds = conn.recv()
             if funcname != "accept_connection":
@@ -182,6 +227,13 @@ class BrokerServer(managers.Server):
         except Exception as e:
             broker_log.warning("closed the connection from %s: %s", conn.peer, e)
         finally:
+            with self._lock:
+                self._close(conn)
+
+    def _close(self, conn) -> None:
+        """Close a served connection (lock held): `close` no longer knows it."""
+        if not conn.closed:
+            self._served.discard(conn.fileno())
             conn.close()
 
     def _handshake(self, sock: socket.socket):
@@ -303,8 +355,8 @@ class BrokerServer(managers.Server):
                         send(answers.get())
         finally:
             self.broker.connection_closed(caller)
-            with lock:
-                conn.close()
+            with lock, self._lock:
+                self._close(conn)
 
     def _method(self, ident: str, methodname: str, caller: Caller) -> Callable:
         """What a call of ``methodname`` on the object ``ident`` calls, for
@@ -314,6 +366,20 @@ class BrokerServer(managers.Server):
             raise AttributeError(f"method {methodname!r} is not exposed")
         function = getattr(obj, methodname)
         return functools.partial(function, caller=caller) if obj is self.broker else function
+
+
+def _hang_up(sock: socket.socket, close: bool = True) -> None:
+    """Shut down a socket that another thread may be blocked on, and close it
+    (or, ``close=False``, leave its file descriptor to its owner): close()
+    alone would not wake that thread (in accept() or recv(), on Linux)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass    # not connected, or gone already
+    if close:
+        sock.close()
+    else:
+        sock.detach()
 
 
 class _Proxy(managers.BaseProxy):

@@ -77,8 +77,9 @@ def capacity(procs: int, job_seconds: float | None) -> int:
 class Worker:
     def __init__(self, address: tuple[str, int], authkey: bytes, procs: int, *,
                  max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
-                 reconnect_timeout: float = SETTINGS.reconnect_timeout):
+                 reconnect_timeout: float = SETTINGS.reconnect_timeout, fork_first: bool = False):
         self.address = address
+        self._fork_first = fork_first       # the pool's first children: see `ProcessPool`
         self._authkey = authkey     # the children's, for `mpqueue.shared`
         self.procs = procs
         self.max_tasks_per_child = max_tasks_per_child
@@ -124,7 +125,7 @@ class Worker:
         # The pool first: its processes start while a broker starting at
         # the same time (a local cluster's) gets ready.
         pool = ProcessPool(self.procs, self.max_tasks_per_child, self.max_memory_per_child,
-                           link=(self.address, self._authkey))
+                           link=(self.address, self._authkey), fork_first=self._fork_first)
         self._install_signals()
         try:
             reach_broker(self.address, self._register, abandoned=self._stopped)

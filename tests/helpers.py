@@ -39,12 +39,17 @@ def eventually(predicate, what: str = "a condition", timeout: float = 10) -> Non
 
 
 def tagged_processes(tag: str) -> list[psutil.Process]:
+    """The live processes with ``tag`` in their environment, and this
+    process's descendants: a process forked from this one (a private
+    cluster's worker) shows the environment this one was started with,
+    before the test set its tag."""
     found = []
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
     for proc in psutil.process_iter():
         if proc.pid == os.getpid():
             continue
         try:
-            if proc.environ().get(TAG) == tag and proc.status() != psutil.STATUS_ZOMBIE:
+            if (proc.pid in ours or proc.environ().get(TAG) == tag) and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass

@@ -239,7 +239,7 @@ def test_a_private_cluster_closed_at_once_stops_at_once(isolated):
     started = time.monotonic()
     client.shutdown()
     assert time.monotonic() - started < 3
-    assert [p.returncode for p in client._cluster.processes] == [0, 0]
+    assert [p.returncode for p in client._cluster.processes] == [0]     # the worker's
 
 
 def fan_out(address, n):

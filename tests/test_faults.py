@@ -223,3 +223,50 @@ def test_a_broker_that_stays_dead_fails_futures_and_stops_workers_after_the_reco
     assert "Traceback" not in logs(worker)
     with pytest.raises(BrokerUnavailable):
         client.submit(abs, 1)
+
+
+#: A user's script on a private cluster: ``MARKS THREADED``. Its jobs leave a
+#: file in MARKS and sleep; with THREADED, a thread runs before Client(),
+#: which then starts its worker instead of forking it.
+PRIVATE_SCRIPT = '''
+import sys, threading, time
+from pathlib import Path
+from mpqueue import Client
+
+marks, threaded = Path(sys.argv[1]), sys.argv[2] == "1"
+if threaded:
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+
+def job(i):
+    (marks / str(i)).touch()
+    time.sleep(600)
+
+client = Client()
+print(type(client._cluster.processes[0]).__name__, flush=True)
+futures = [client.submit(job, i) for i in range(2)]
+futures[0].result()
+'''
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["forked worker", "started worker"])
+def test_kill_9_of_a_client_takes_its_private_cluster_down(isolated, tmp_path, threaded):
+    """The private cluster's broker dies with its client (it is in it); its
+    worker and the worker's children must follow, however the worker began."""
+    from helpers import tagged_processes
+
+    script = tmp_path / "script.py"
+    script.write_text(PRIVATE_SCRIPT)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    client = psutil.Popen([sys.executable, str(script), str(marks), str(int(threaded))],
+                          stdout=__import__("subprocess").PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == ("Popen" if threaded else "_Forked")
+        eventually(lambda: len(list(marks.iterdir())) == 2, "both jobs to start", 30)
+        assert len(tagged_processes(isolated)) >= 4     # the client, its worker, two children
+        client.kill()
+        client.wait(10)
+        eventually(lambda: not tagged_processes(isolated), "the private cluster to die", 10)
+    finally:
+        client.stdout.close()
+        kill_tree(client.pid)
