@@ -63,10 +63,6 @@ class LocalCluster:
     """
 
     def __init__(self, procs: int | None = None):
-        # Imported here: a client of a remote cluster needs none of the broker.
-        from .broker import Broker
-        from .transport import BrokerServer
-
         self.authkey = secrets.token_hex(32).encode()
         self.processes: list = []      # the worker's: a subprocess.Popen, or a `_Forked`
         listening = socket.create_server(("127.0.0.1", 0), backlog=512)
@@ -76,6 +72,11 @@ class LocalCluster:
         forked = _single_threaded() and sys.platform.startswith("linux")
         if forked:
             self.processes.append(_fork_worker(self.address, self.authkey, procs, listening))
+        # Imported here (while a forked worker imports its own modules): a
+        # client of a remote cluster needs none of the broker.
+        from .broker import Broker
+        from .transport import BrokerServer
+
         self.broker = Broker(SETTINGS)
         self._server = BrokerServer(self.broker, listening, self.authkey)
         self._server.start()
