@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 
 from .config import SETTINGS, format_address
 from .transport import connect
@@ -154,6 +155,11 @@ def _die_with(parent: int) -> bool:
 def _run_worker(address: tuple[str, int], authkey: bytes, procs: int | None) -> int:
     """The forked worker's loop, as `mpqueue worker` runs it; its exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # its children are reaped by waiting on them
+    # The client's script is this process's main module: multiprocessing would
+    # run it again in each child the forkserver starts (a script without an
+    # `if __name__ == "__main__"` guard would start a cluster there). The
+    # worker has none of its own, as under `python -m mpqueue worker`.
+    sys.modules["__main__"] = types.ModuleType("__main__")
     for name in ("mpqueue.worker", "mpqueue.pool"):
         logger = logging.getLogger(name)    # this process's logging, as its parent set it up
         if logger.level == logging.NOTSET:
