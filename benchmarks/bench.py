@@ -28,7 +28,9 @@ cold start  ``with Client() as c: c.submit(abs, -1).result()`` on a private
             local cluster (no address, ``$MPQUEUE_ADDRESS`` unset): time to the
             first result, and total including the cluster's shutdown. Pool:
             ``Pool(2)`` creation to the first ``apply_async(abs, (-1,))``
-            result, and total including ``close()``/``join()``.
+            result, and total including ``close()``/``join()``. Each start-up
+            (this one and ``pool start``) runs in a new interpreter, timed
+            from the call after the import, as a script's would.
 W1          10,000 no-op jobs, one ``submit`` (``apply_async``) each, then all
             results gathered: jobs/s, first submit to last result.
 W1 map      1,000,000 no-op items through ``mpqueue.Pool(2).map`` and
@@ -662,6 +664,25 @@ WORKLOADS = [("W1", w1_throughput), ("W1map", w1_map), ("W2", w2_latency), ("W3"
 COLD_WORKLOADS = ["cold", "pool_start"]
 
 
+def fresh(name: str, problems: list[str]) -> dict:
+    """Run the start-up workload ``name`` (a function of this module) in a
+    new interpreter, as a user's script starts: what it finds wrong is added
+    to ``problems``. The time counts from the call that makes the pool or
+    client, after ``import mpqueue`` (or ``multiprocessing``)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; problems = []; "
+            f"fn = bench.{name}; "
+            "result = fn(problems) if fn.__code__.co_argcount else fn(); "
+            "print(json.dumps([result, problems]))")
+    env = {**os.environ, TAG_VAR: TAG}
+    done = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                          capture_output=True, text=True, timeout=WORKLOAD_TIMEOUT, env=env)
+    if done.returncode != 0:
+        raise BenchError(f"{name} in a new interpreter failed: {done.stderr.strip()[-2000:]}")
+    result, found = json.loads(done.stdout.strip().splitlines()[-1])
+    problems.extend(found)
+    return result
+
+
 def cold_mpqueue(problems: list[str]) -> dict:
     """``with Client() as c: c.submit(abs, -1).result()`` on a private local cluster."""
     t0 = time.perf_counter()
@@ -907,9 +928,11 @@ def main() -> int:
     logdir = tempfile.mkdtemp(prefix="mpqueue-bench-")
     failed = False
     try:
-        # Cold starts first, while this process has no threads, so Pool's fork is clean.
-        starts = {"cold": (lambda: cold_mpqueue(problems), cold_pool),
-                  "pool_start": (lambda: pool_start_mpqueue(problems), pool_start_pool)}
+        # Each start-up in a new interpreter: in this one, the second would
+        # find the first's modules imported.
+        starts = {"cold": (lambda: fresh("cold_mpqueue", problems), lambda: fresh("cold_pool", problems)),
+                  "pool_start": (lambda: fresh("pool_start_mpqueue", problems),
+                                 lambda: fresh("pool_start_pool", problems))}
         for name in COLD_WORKLOADS:
             if name not in selected:
                 continue
