@@ -264,20 +264,16 @@ class Broker:
         with self._lock:
             return self._state.code(key)
 
-    def fetch(self, session: str, max_jobs: int, wait: float, standing: bool = False, *,
-              caller: Caller | None = None) -> Any:
+    def fetch(self, session: str, max_jobs: int, wait: float, *, caller: Caller | None = None) -> Any:
         """Lease up to ``max_jobs`` jobs to a worker; with none queued, park the
-        call until one is, for up to ``wait`` s. ``standing``: answer it again
-        as jobs come, where the connection allows (see `BrokerState.fetch`).
+        call until one is, for up to ``wait`` s.
 
-        Returns ``(tasks, functions, number, more)``, or None once the cluster
-        is shutting down.
+        Returns ``(tasks, functions)``, or None once the cluster is shutting down.
         """
-        standing = standing and caller is not None and caller.streams
         with self._changing() as state:
             self._bind(caller, session, state)
             return self._parked(state.fetch(session, caller and caller.reply, max_jobs, wait,
-                                            time.monotonic(), standing), caller)
+                                            time.monotonic()), caller)
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
                packages: dict[str, str | None] | None = None, *, caller: Caller | None = None) -> None:

@@ -128,7 +128,6 @@ class _Worker:
     lost: int = 0
     timed_out: int = 0
     retried: int = 0
-    stopping: bool = False          # it gave jobs back (`release`): lease it no more
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -145,8 +144,6 @@ class _Parked:
     worker: _Worker | None = None       # a fetch: whose, and how many jobs at most
     max_jobs: int = 0
     urgent: bool = False                # a collect a thread waits on (`BrokerState.collect`)
-    standing: bool = False              # a fetch that stays parked while it has room (`fetch`)
-    answered: int = 0                   # how many answers a standing fetch had
 
 
 @dataclasses.dataclass(eq=False)
@@ -285,9 +282,8 @@ class BrokerState:
     # -- parked calls -------------------------------------------------------
 
     def _park(self, reply: Reply, wait: float, now: float, session: str, worker: _Worker | None = None,
-              max_jobs: int = 0, urgent: bool = False, standing: bool = False, answered: int = 0) -> Any:
-        parked = _Parked(reply, now + min(wait, self.settings.wait_slice), worker, max_jobs, urgent,
-                         standing, answered)
+              max_jobs: int = 0, urgent: bool = False) -> Any:
+        parked = _Parked(reply, now + min(wait, self.settings.wait_slice), worker, max_jobs, urgent)
         self._wake_timer(parked.deadline)
         if parked.worker is not None:
             self._fetchers.append(parked)
@@ -304,18 +300,11 @@ class BrokerState:
     def _answer(self, parked: _Parked, value: Any, error: bool = False) -> None:
         self.out.answers.append((parked.reply, ("#ERROR" if error else "#RETURN", value)))
 
-    def _answer_fetch(self, parked: _Parked, leased: tuple[list[Task], dict[bytes, bytes]] = ([], {}),
-                      more: bool = False) -> None:
-        """Answer a parked fetch: `fetch`'s ``(tasks, functions, number, more)``."""
-        self._answer(parked, (*leased, parked.answered, more))
-        parked.answered += 1
-
     def _answer_parked(self) -> None:
         closing = self.closing()
         if self._fetchers and (self._queued or self._recheck_fetchers or closing):
             self._recheck_fetchers = False
             waiting: deque[_Parked] = deque()
-            served = []     # standing fetches that got jobs: they go last, after the others
             for parked in self._fetchers:
                 assert parked.worker is not None
                 worker = self._workers.get(parked.worker.id)
@@ -326,16 +315,11 @@ class BrokerState:
                 elif worker is not parked.worker:
                     # It registered again meanwhile: this call's connection is
                     # a dead one it left. Lease nothing on it.
-                    self._answer_fetch(parked)
+                    self._answer(parked, ([], {}))
                 elif self._queued and (leased := self._lease(worker, parked.max_jobs))[0]:
-                    parked.max_jobs -= len(leased[0])
-                    more = parked.standing and parked.max_jobs > 0
-                    self._answer_fetch(parked, leased, more)
-                    if more:
-                        served.append(parked)
+                    self._answer(parked, leased)
                 else:
                     waiting.append(parked)
-            waiting.extend(served)
             self._fetchers = waiting
         for session in self._nudged:
             client = self._clients.get(session)
@@ -373,7 +357,7 @@ class BrokerState:
                     self.shared.group_ended(group)
         for parked in [p for p in self._fetchers if p.deadline <= now]:
             self._fetchers.remove(parked)
-            self._answer_fetch(parked)
+            self._answer(parked, ([], {}))
         for client in self._clients.values():
             for parked in [p for p in client.collectors if p.deadline <= now]:
                 client.collectors.remove(parked)
@@ -618,35 +602,20 @@ class BrokerState:
             else:
                 self._push(job)
 
-    def fetch(self, session: str, reply: Reply, max_jobs: int, wait: float, now: float,
-              standing: bool = False) -> Any:
+    def fetch(self, session: str, reply: Reply, max_jobs: int, wait: float, now: float) -> Any:
         """Lease up to ``max_jobs`` jobs to a worker; with none queued, park the
         call until one is, for up to ``wait`` s (returns `PARKED`).
 
-        Returns ``(tasks, functions, number, more)``, or None once the cluster
-        is shutting down. A ``standing`` fetch (on a connection that takes
-        answers at any time) is answered again and again, as jobs come, until
-        it has had ``max_jobs`` jobs or its wait runs out: ``more`` says
-        whether answers follow this one, ``number`` counts them from 0, as
-        answers made by two threads may arrive in either order. That spares a
-        worker a fetch call per job, and the broker its handling, at the moment
-        the job runs.
+        Returns ``(tasks, functions)``, or None once the cluster is shutting down.
         """
         worker = self._seen(session, now)
         if self.closing():
             return None
         self._promote_due(now)
-        if worker.stopping:
-            return [], {}, 0, False
-        tasks, functions = self._lease(worker, max_jobs)
-        if wait <= 0 or (tasks and not standing):
-            return tasks, functions, 0, False
-        if not tasks:
-            return self._park(reply, wait, now, session, worker, max_jobs, standing=standing)
-        more = len(tasks) < max_jobs
-        if more:
-            self._park(reply, wait, now, session, worker, max_jobs - len(tasks), standing=True, answered=1)
-        return tasks, functions, 0, more
+        leased = self._lease(worker, max_jobs)
+        if leased[0] or wait <= 0:
+            return leased
+        return self._park(reply, wait, now, session, worker, max_jobs)
 
     def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
         """Queued jobs for a worker: ``(tasks, functions)``.
@@ -756,14 +725,8 @@ class BrokerState:
         return False
 
     def release(self, session: str, job_ids: list[int]) -> None:
-        """A stopping worker gives back jobs it fetched but never started.
-        Its parked fetch, if any, is answered empty, lest it get them back."""
+        """A stopping worker gives back jobs it fetched but never started."""
         worker = self._workers.get(session)
-        if worker is not None:
-            worker.stopping = True
-            for parked in [p for p in self._fetchers if p.worker is worker]:
-                self._fetchers.remove(parked)
-                self._answer_fetch(parked)
         for job_id in job_ids:
             job = self._jobs.get(job_id)
             if job is not None and job.worker == session:

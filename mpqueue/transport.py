@@ -36,7 +36,6 @@ import socket
 import threading
 import time
 import traceback
-from collections import deque
 from multiprocessing import managers, util
 from typing import Any, Callable
 
@@ -69,7 +68,6 @@ class Caller:
     peer: str | None                    # its IP address, or "local" (our local socket)
     reply: Callable[[tuple], None]      # answers a parked call later: ("#RETURN", value) or ("#ERROR", exc)
     session: str | None = None          # the session it serves, once the broker has seen one
-    streams: bool = True                # whether a parked call may be answered more than once
 
 #: Connections that may be in their handshake at once. Past this, a new one
 #: is closed at once: each holds a thread (about 30 KB) until it
@@ -271,13 +269,11 @@ class BrokerServer(managers.Server):
 
         ``reply`` never blocks its caller on this peer, which may not be
         reading (stopped, or its network down): what the socket does not take
-        at once is sent by a thread of its own, and answers made meanwhile
-        (a standing fetch has several) queue behind it, whole. Over TLS,
-        which allows no second thread on the connection, this thread waits
-        for the answer and sends it itself, and a call is answered once.
+        at once is sent by a thread of its own. Over TLS, which allows no
+        second thread on the connection, this thread waits for the answer
+        and sends it itself.
         """
         lock = threading.Lock()     # one sender at a time, and none after close
-        behind: deque = deque()     # (message, rest) a thread sends, in order; the first one it sends now
 
         def send(message, rest=None) -> None:
             with lock:
@@ -296,22 +292,9 @@ class BrokerServer(managers.Server):
                 except (OSError, EOFError):
                     pass    # it is gone: its thread finds out when it reads
 
-        def send_behind() -> None:
-            while True:
-                with lock:
-                    if not behind:
-                        return
-                    message, rest = behind[0]
-                send(message, rest)
-                with lock:
-                    behind.popleft()
-
         def reply(message) -> None:
             with lock:
                 if conn.closed:
-                    return
-                if behind:
-                    behind.append((message, None))
                     return
                 try:
                     rest = conn.send_nowait(message)
@@ -319,16 +302,13 @@ class BrokerServer(managers.Server):
                     return
                 except Exception:
                     rest = None
-                if rest is not None and not rest:
-                    return
-                behind.append((message, rest))
-            threading.Thread(target=send_behind, daemon=True).start()
+            if rest is None or rest:
+                threading.Thread(target=send, args=(message, rest), daemon=True).start()
 
         answers: queue.SimpleQueue = queue.SimpleQueue()
         # The peer's IP address (hostnames can be alike: containers, cloned
         # machines; addresses on one network are not), or "local".
-        caller = Caller(conn.host, reply if conn.concurrent_send else answers.put,
-                        streams=conn.concurrent_send)
+        caller = Caller(conn.host, reply if conn.concurrent_send else answers.put)
         methods: dict[tuple[str, str], Callable] = {}   # (ident, name): what it calls, looked up once
         try:
             while True:
@@ -409,25 +389,6 @@ class _Proxy(managers.BaseProxy):
         except (OSError, EOFError) as e:
             self._drop_connection()
             raise _unreachable(self._token.address, e) from None
-
-    def answer(self):
-        """The next answer to a call of this thread's that the broker keeps
-        answering (a standing `Broker.fetch`), without a new call."""
-        try:
-            conn = self._tls.connection
-        except AttributeError:
-            raise _unreachable(self._token.address, EOFError()) from None
-        try:
-            kind, result = conn.recv()
-        except (KeyboardInterrupt, SystemExit):
-            self._drop_connection()
-            raise
-        except (OSError, EOFError) as e:
-            self._drop_connection()
-            raise _unreachable(self._token.address, e) from None
-        if kind == "#RETURN":
-            return result
-        raise managers.convert_to_error(kind, result)
 
     def _drop_connection(self):
         conn = getattr(self._tls, "connection", None)

@@ -86,9 +86,6 @@ class Worker:
         self.max_memory_per_child = max_memory_per_child
         self.id = uuid.uuid4().hex[:12]
         self.broker, _ = connect(address, authkey)
-        # The fetch thread's standing fetch has a connection of its own: the
-        # broker may answer it at any time, so no other call can share it.
-        self._fetcher, _ = connect(address, authkey)
         self._link = Reconnecting(address, self._rejoin, reconnect_timeout, self.broker)
         self._lock = threading.Condition()
         self._inbox: deque = deque()        # (task, function bytes), fetched, not started
@@ -342,48 +339,31 @@ class Worker:
                  len(running), len(finished))
 
     def _fetch_loop(self) -> None:
-        # A standing fetch (`Broker.fetch`) is answered as jobs come, until
-        # an answer says no more follow: (answers had, number of the last).
-        standing: tuple[int, int | None] | None = None
         while True:
-            if standing is None:
-                with self._lock:
-                    # Even when full, ask every wait slice (for nothing, without
-                    # waiting): a worker the broker presumed lost, its link cut
-                    # and restored, learns it here and rejoins while its jobs run.
-                    full_until = time.monotonic() + SETTINGS.wait_slice
-                    while (not self._stop and self._in_hand >= self._capacity
-                           and (left := full_until - time.monotonic()) > 0):
-                        self._fetcher_waits = True
-                        self._lock.wait(left)
-                    self._fetcher_waits = False
-                    if self._stop:
-                        return
-                    room = max(0, self._capacity - self._in_hand)
+            with self._lock:
+                # Even when full, ask every wait slice (for nothing, without
+                # waiting): a worker the broker presumed lost, its link cut
+                # and restored, learns it here and rejoins while its jobs run.
+                full_until = time.monotonic() + SETTINGS.wait_slice
+                while (not self._stop and self._in_hand >= self._capacity
+                       and (left := full_until - time.monotonic()) > 0):
+                    self._fetcher_waits = True
+                    self._lock.wait(left)
+                self._fetcher_waits = False
+                if self._stop:
+                    return
+                room = max(0, self._capacity - self._in_hand)
             try:
-                if standing is None:
-                    reply = self._link.call(self._fetcher.fetch, self.id, room,
-                                            SETTINGS.wait_slice if room else 0, True)
-                else:
-                    reply = self._fetcher.answer()
+                reply = self._link.call(self.broker.fetch, self.id, room, SETTINGS.wait_slice if room else 0)
             except LookupError:
                 if self._stop:
                     return
                 log.warning("the broker presumed this worker lost (silent too long); rejoining")
-                standing = None
                 self._link.call(self._rejoin)
-                continue
-            except BrokerUnavailable:
-                if standing is None:
-                    raise
-                standing = None     # the next call reconnects, or says the broker is gone
                 continue
             if reply is None:
                 return      # the cluster is shutting down: the watch thread stops us
-            tasks, functions, number, more = reply
-            had, last = standing or (0, None)
-            had, last = had + 1, last if more else number
-            standing = None if last is not None and had > last else (had, last)
+            tasks, functions = reply
             self._prepare(functions)
             if tasks:
                 tasks = [self._arguments(t) for t in tasks]

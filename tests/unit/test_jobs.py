@@ -92,20 +92,12 @@ def test_a_clean_stop_charges_neither_an_attempt_nor_a_death(h):
     assert task.attempt == 1 and h.state._jobs[task.id].deaths == 0
 
 
-def test_released_jobs_go_back_uncharged_and_not_to_the_stopping_worker(h):
-    """A worker gives jobs back when it stops: its standing fetch, still
-    parked, must not take them again (they would go back and forth)."""
+def test_released_jobs_go_back_uncharged(h):
     h.worker()
-    h.worker("w2")
     h.submit(Options(), Options())
-    tasks = h.fetch()       # its share: one of the two
-    more, _, number, standing = h.state.fetch("w", "standing", 10, 5.0, 0.0, standing=True)
-    h.settle()
-    assert (len(more), number, standing) == (1, 0, True)
-    h.state.release("w", [t.id for t in tasks + more])
-    assert h.settle().answers == [("standing", ("#RETURN", ([], {}, 1, False)))]
-    assert h.fetch() == []
-    assert [t.attempt for t in h.fetch("w2") + h.fetch("w2")] == [1, 1]
+    tasks = h.fetch()
+    h.state.release("w", [t.id for t in tasks])
+    assert [t.attempt for t in h.fetch()] == [1, 1]
 
 
 def test_retries_back_off_exponentially_capped(h):
@@ -195,8 +187,8 @@ def test_a_parked_fetch_is_answered_by_the_submit_that_makes_it_answerable(h):
     assert h.fetch(wait=5.0, reply="fetch-call") is PARKED
     assert h.effects.timer_at == SETTINGS.wait_slice        # answered empty by then at the latest
     h.submit(Options())
-    ((reply, (tag, (tasks, functions, number, more))),) = h.effects.answers
-    assert reply == "fetch-call" and tag == "#RETURN" and (number, more) == (0, False)
+    ((reply, (tag, (tasks, functions))),) = h.effects.answers
+    assert reply == "fetch-call" and tag == "#RETURN"
     assert [t.attempt for t in tasks] == [1] and functions == {b"fn": b"blob"}
 
 
@@ -206,58 +198,8 @@ def test_a_parked_fetch_whose_wait_runs_out_is_answered_empty(h):
     h.state.expire(0.5)
     assert h.settle().answers == []
     h.state.expire(1.0)
-    assert h.settle().answers == [("f", ("#RETURN", ([], {}, 0, False)))]
+    assert h.settle().answers == [("f", ("#RETURN", ([], {})))]
     assert h.state.next_deadline() is None
-
-
-def test_a_standing_fetch_is_answered_as_jobs_come_until_it_has_had_its_jobs(h):
-    """A standing fetch stays parked after an answer while it has room: the
-    worker makes no fetch call per job. Answers are numbered, and the last
-    one says so."""
-    h.worker()
-    assert h.state.fetch("w", "f", 3, 5.0, 0.0, standing=True) is PARKED
-    h.settle()
-    answers = []
-    for _ in range(3):
-        h.submit(Options())
-        ((reply, (tag, (tasks, _, number, more))),) = h.effects.answers
-        answers.append((reply, len(tasks), number, more))
-    assert answers == [("f", 1, 0, True), ("f", 1, 1, True), ("f", 1, 2, False)]
-    h.submit(Options())
-    assert h.effects.answers == []      # it had its three: the next job waits for a new fetch
-
-
-def test_a_standing_fetch_answered_at_once_stays_parked_with_what_room_is_left(h):
-    h.worker()
-    h.submit(Options())
-    tasks, _, number, more = h.state.fetch("w", "f", 2, 5.0, 0.0, standing=True)
-    h.settle()
-    assert (len(tasks), number, more) == (1, 0, True)
-    h.submit(Options(), Options())
-    ((_, (_, (tasks, _, number, more))),) = h.effects.answers
-    assert (len(tasks), number, more) == (1, 1, False)
-    # Its wait running out ends a standing fetch that had nothing.
-    (_,) = h.fetch()
-    assert h.state.fetch("w", "g", 2, 1.0, 0.0, standing=True) is PARKED
-    h.settle()
-    h.state.expire(1.0)
-    assert h.settle().answers == [("g", ("#RETURN", ([], {}, 0, False)))]
-
-
-def test_standing_fetches_take_turns(h):
-    """A standing fetch that got a job goes behind the other parked fetches,
-    so that one worker does not take every lone job."""
-    h.worker("w1")
-    h.worker("w2")
-    for worker in ("w1", "w2"):
-        assert h.state.fetch(worker, worker, 10, 5.0, 0.0, standing=True) is PARKED
-    h.settle()
-    takers = []
-    for _ in range(4):
-        h.submit(Options())
-        ((reply, _),) = h.effects.answers
-        takers.append(reply)
-    assert takers == ["w1", "w2", "w1", "w2"]
 
 
 def test_fetch_says_none_once_the_cluster_shuts_down_and_queued_jobs_fail(h):
