@@ -126,11 +126,14 @@ class Broker:
         if journal is not None:
             stored = journal.load()
             counts = self._state.restore(stored, time.monotonic(), time.time())
+            self._write(self._state.settle())   # the jobs failed for their lost arguments
             for path in stored["inlined"]:      # the jobs' arguments are in the journal now
                 shm.remove(path)
             journal.inlined_removed()
             log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
                      journal.path, *counts)
+            for error in stored["lost"].values():
+                log.error("journal %s: a job failed: %s", journal.path, error)
         self._closed = False
         self._timer_thread = threading.Thread(target=self._run_timer, name="timer", daemon=True)
         self._timer_thread.start()

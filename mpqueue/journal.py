@@ -20,6 +20,16 @@ Commits use ``synchronous=NORMAL``: they survive the broker process dying
 closed on purpose: every commit is complete on its own, and a call served
 while the broker exits must not be answered as if it were stored.
 
+A job's arguments of `shm.THRESHOLD` (1 MiB) or more are not written into
+SQLite but into a side file, ``PATH-payloads/JOB_ID``, before the commit
+that names it, and removed after the commit that forgets the job: so a
+kill -9 finds every file a committed job names. Not synced either: after a
+power loss the row may have reached the disk before its file's bytes did,
+which `load` finds by the size the row keeps, and fails that job. The copy
+is the kernel's (``sendfile`` from the client's `shm` file), a page-cache
+write; in SQLite a 1 MiB blob went through the WAL and again into the
+database at the next checkpoint, with an ``fsync``, under the broker's lock.
+
 Payloads stay opaque bytes, as everywhere in the broker. The few plain
 values of ours stored with them (options, failure details) are pickled with
 the standard library, in a file only the broker's user may read.
@@ -40,6 +50,10 @@ from .errors import ConfigError
 from .protocol import Delivery, Failure, Options, Status
 
 SCHEMA_VERSION = 1
+
+#: What a job's row holds in place of arguments kept in a side file, followed
+#: by their size (`Journal._arguments`).
+_SIDE = b"MPQSIDE1:"
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value);
@@ -71,6 +85,9 @@ class Journal:
         self._results: list[tuple] = []               # rows held back until `_flush`
         self._numbers: dict[str, int] = {}            # each client's last result number, likewise
         self._forgotten: list[tuple[int]] = []        # ids of jobs over, likewise
+        self._side_dir = path + "-payloads"           # large arguments: `_arguments`
+        self._sides: dict[int, str] = {}               # job id -> its side file
+        self._unlink: list[str] = []                   # side files of forgotten jobs, once committed
         try:
             # Held open for the broker's life: a second broker on the same
             # file would hand out the same jobs.
@@ -80,6 +97,7 @@ class Journal:
             except BlockingIOError:
                 os.close(self._lock_fd)
                 raise ConfigError(f"journal {path} is in use by another broker") from None
+            os.makedirs(self._side_dir, mode=0o700, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level="DEFERRED")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -121,13 +139,17 @@ class Journal:
         """Everything stored: ``id`` (the journal's own), ``next_id``, ``functions`` {digest: blob},
         ``code`` {digest: zip}, ``shared`` {name: `SharedObjects.snapshot`}, ``inlined``
         (the shared-memory files whose bytes it took: `_inline`),
-        ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order) and
-        ``results`` (client, number, Delivery, created) in number order."""
+        ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order),
+        ``results`` (client, number, Delivery, created) in number order, and
+        ``lost`` {job id: the error it fails with}: the jobs whose side file
+        is gone or damaged (`_side`). Side files no job names are removed."""
         try:
-            jobs = [(i, client, seq, fn, payload, bool(chunked), Options(*pickle.loads(options)),
-                     attempts, deaths)
+            lost: dict[int, OSError] = {}
+            jobs = [(i, client, seq, fn, self._side(i, payload, lost), bool(chunked),
+                     Options(*pickle.loads(options)), attempts, deaths)
                     for i, client, seq, fn, payload, chunked, options, attempts, deaths
                     in self._db.execute("SELECT * FROM jobs ORDER BY id")]
+            self._remove_orphans()
             results = [(client, number, Delivery(seq, Status(status), _payload(pickle.loads(payload)),
                                                  attempts), created)
                        for client, number, seq, status, payload, attempts, created
@@ -144,9 +166,41 @@ class Journal:
                             in self._db.execute("SELECT session, max_seq, last_number FROM clients")},
                 "jobs": jobs,
                 "results": results,
+                "lost": lost,
             }
-        except (sqlite3.Error, pickle.UnpicklingError, TypeError, ValueError) as e:
+        except (sqlite3.Error, pickle.UnpicklingError, TypeError, ValueError, OSError) as e:
             raise ConfigError(f"cannot read journal {self.path}: {e}") from None
+
+    def _side(self, job_id: int, stored: bytes, lost: dict[int, OSError]) -> bytes:
+        """A job's arguments as stored: read from its side file if they are
+        in one (`_arguments`). One that is gone, or shorter or longer than
+        the row says, is noted in ``lost``: deleted by hand, or, after the
+        machine lost power, not yet on the disk when the row was."""
+        if not stored.startswith(_SIDE):
+            return stored
+        side = os.path.join(self._side_dir, str(job_id))
+        size = int(stored[len(_SIDE):])
+        try:
+            with open(side, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            lost[job_id] = type(e)(f"the job's arguments, kept in {side} next to the journal, "
+                                   f"are gone ({e.strerror}); the job did not run")
+            return b""
+        if len(data) != size:
+            lost[job_id] = OSError(f"the job's arguments, kept in {side} next to the journal, are "
+                                   f"{len(data)} bytes, not {size} (cut short when the machine lost "
+                                   "power?); the job did not run")
+            return b""
+        self._sides[job_id] = side
+        return data
+
+    def _remove_orphans(self) -> None:
+        """Remove the side files no job names (`load`): a job's that was
+        forgotten as the broker stopped, or that never got its row."""
+        for name in os.listdir(self._side_dir):
+            if not name.isdigit() or int(name) not in self._sides:
+                shm.remove(os.path.join(self._side_dir, name))
 
     # -- changes ------------------------------------------------------------
 
@@ -157,14 +211,14 @@ class Journal:
         db = self._db
         db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?)", functions.items())
         db.executemany("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0)",
-                       [(i, session, seq, fn, self._inline(payload), chunked, _options_blob(options))
+                       [(i, session, seq, fn, self._arguments(i, payload), chunked, _options_blob(options))
                         for i, seq, fn, payload, chunked, options in jobs])
         db.execute("INSERT INTO clients VALUES (?, ?, 0) ON CONFLICT(session) DO UPDATE SET max_seq = ?",
                    (session, max_seq, max_seq))
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id,))
 
     def _inline(self, payload: bytes) -> bytes:
-        """The bytes themselves, for arguments a client left in shared memory
+        """The bytes themselves, for a payload a process left in shared memory
         (`shm`): the journal outlives the file, which is noted, for a restart
         to remove (`inlined_removed`). A file gone already stays a reference:
         the job fails saying so."""
@@ -178,6 +232,30 @@ class Journal:
         self._db.execute("INSERT OR IGNORE INTO inlined VALUES (?)", (path,))
         return data
 
+    def _arguments(self, job_id: int, payload: bytes) -> bytes:
+        """What the journal stores of a job's arguments: those of `shm.THRESHOLD`
+        bytes or more go to a side file (`_SIDE`, the row keeps its size), the
+        rest, and any the side file fails for, into the row. A file of `shm`
+        the side file copies is noted, as in `_inline`; one gone already stays
+        a reference: the job fails saying so."""
+        path = shm.path_of(payload)
+        if path is None and len(payload) < shm.THRESHOLD:
+            return payload
+        side = os.path.join(self._side_dir, str(job_id))
+        try:
+            fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                size = _copy(path, fd) if path is not None else _write(fd, payload)
+            finally:
+                os.close(fd)
+        except OSError:             # no room, no directory: the row takes the bytes
+            shm.remove(side)
+            return self._inline(payload)
+        if path is not None:
+            self._db.execute("INSERT OR IGNORE INTO inlined VALUES (?)", (path,))
+        self._sides[job_id] = side
+        return _SIDE + str(size).encode()
+
     def inlined_removed(self) -> None:
         """The files noted by `_inline` are gone (removed at a restart)."""
         self._db.execute("DELETE FROM inlined")
@@ -190,8 +268,11 @@ class Journal:
 
     def forgotten(self, job_id: int) -> None:
         """A job is over: finished, cancelled, or its client gone (its row is
-        deleted at the next `_flush`)."""
+        deleted at the next `_flush`, its side file once that is committed)."""
         self._forgotten.append((job_id,))
+        side = self._sides.pop(job_id, None)
+        if side is not None:
+            self._unlink.append(side)
 
     def _flush(self) -> None:
         """Write the rows `result` and `forgotten` hold back, a statement for
@@ -256,9 +337,37 @@ class Journal:
         self._db.execute("DELETE FROM clients WHERE session = ?", (session,))
 
     def commit(self) -> None:
+        """Commit the changes so far, then remove the side files of the jobs
+        they forgot (not before: a broker killed in between would find jobs
+        without their arguments)."""
         self._flush()
         if self._db.in_transaction:
             self._db.commit()
+        if self._unlink:
+            for side in self._unlink:
+                shm.remove(side)
+            self._unlink = []
+
+
+def _copy(path: str, fd: int) -> int:
+    """Copy the file ``path`` into ``fd`` in the kernel; how many bytes."""
+    with open(path, "rb") as source:
+        size = os.fstat(source.fileno()).st_size
+        done = 0
+        while done < size:
+            sent = os.sendfile(fd, source.fileno(), done, size - done)
+            if sent == 0:
+                raise OSError(f"{path} shrank while being copied")
+            done += sent
+    return size
+
+
+def _write(fd: int, data: bytes) -> int:
+    """Write all of ``data`` to ``fd``; how many bytes."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(data)
 
 
 @functools.lru_cache(maxsize=64)

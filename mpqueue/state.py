@@ -52,6 +52,7 @@ from .protocol import (
     Task,
     WorkerHello,
     WorkerWelcome,
+    pack_exception,
 )
 
 log = logging.getLogger("mpqueue.broker")
@@ -220,7 +221,8 @@ class BrokerState:
 
     def restore(self, state: dict, now: float, wall: float) -> tuple[int, int, int]:
         """Take back a journal's state (`Journal.load`): every job queued,
-        results waiting for their clients. ``wall``: time.time() at ``now``.
+        results waiting for their clients, and the jobs whose arguments it
+        lost failed with the error it gives. ``wall``: time.time() at ``now``.
         Returns how many jobs, results and clients it took back."""
         self.id = state["id"]
         self._ids = itertools.count(max(state["next_id"], next(self._ids)))
@@ -236,15 +238,19 @@ class BrokerState:
             client = self._client(session)
             client.max_seq = max_seq
             client.numbers = itertools.count(last_number + 1)
+        lost = state.get("lost", {})
         for job_id, session, seq, fn, payload, chunked, opts, attempts, deaths in state["jobs"]:
             task = Task(job_id, fn, payload, chunked, opts.timeout, opts.retry_on, 0)
             job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths)
             self._functions[fn][1] += 1
             self._client(session).jobs[seq] = job_id
-            self._push(job)
+            if job_id not in lost:
+                self._push(job)
         for session, number, delivery, created in state["results"]:
             # Their age, in the monotonic clock, for the TTL.
             self._client(session).results.append((number, delivery, now - max(0.0, wall - created)))
+        for job_id, error in lost.items():     # numbered after the results taken back
+            self._finish(self._jobs[job_id], Status.ERROR, pack_exception(error), now)
         for client in self._clients.values():
             client.gone_since = now     # until it reconnects
         return len(self._jobs), len(state["results"]), len(self._clients)

@@ -21,6 +21,8 @@ import pytest
 
 from helpers import kill_tree, logs, python, read_line, wait_for_file
 from mpqueue import BrokerUnavailable
+from mpqueue.journal import Journal
+from mpqueue.protocol import Options
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -304,3 +306,71 @@ def test_a_result_held_through_a_broker_restart_is_not_run_again(durable):
     assert future.result(30) == 8
     time.sleep(1)       # a second run, if there were one, would be under way
     assert ledger.read_text() == "started\nended\n"
+
+
+def side_files(journal: Path) -> list[Path]:
+    """The files a journal keeps large arguments in (`Journal._arguments`)."""
+    return sorted(Path(f"{journal}-payloads").iterdir())
+
+
+def test_large_arguments_live_beside_the_journal_and_survive_a_broker_kill(durable):
+    """Arguments of 1 MiB and more go to side files, not into SQLite; after
+    a kill -9 they come back from there, and go once their job is over."""
+    client = durable.client(reconnect_timeout=60)
+    blobs = [bytes([i]) * (1 << 20) for i in range(3)]
+    futures = [client.submit(len, blob) for blob in blobs] + [client.submit(len, b"small")]
+    durable.wait_for(lambda s: s["queued"] == 4, "the jobs to reach the broker")
+    sizes = [p.stat().st_size for p in side_files(durable.journal)]
+    assert len(sizes) == 3 and min(sizes) > 1 << 20
+    with sqlite3.connect(durable.journal) as db:
+        assert max(length for length, in db.execute("SELECT length(payload) FROM jobs")) < 1000
+    restart_broker(durable, durable.journal)
+    durable.start_worker(1, env=RECONNECT)
+    assert [f.result(30) for f in futures] == [1 << 20] * 3 + [5]
+    durable.wait_for(lambda s: s["results"] == 0, "the results to be acknowledged")
+    assert side_files(durable.journal) == []
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    (Path.unlink, FileNotFoundError, r"are gone \(No such file or directory\); the job did not run"),
+    (lambda p: p.write_bytes(b"cut"), OSError, r"are 3 bytes, not \d+ \(cut short"),
+], ids=["deleted", "cut-short"])
+def test_a_job_whose_side_file_is_lost_fails_saying_so_and_the_rest_run(durable, damage, error, message):
+    """A side file gone at a restart (deleted by hand, or not on the disk yet
+    when the machine lost power) fails its job, not the broker."""
+    client = durable.client(reconnect_timeout=60)
+    futures = [client.submit(len, bytes([i]) * (1 << 20)) for i in range(2)]
+    durable.wait_for(lambda s: s["queued"] == 2, "the jobs to reach the broker")
+    first, second = side_files(durable.journal)
+    port = durable.address.rsplit(":", 1)[1]
+    durable.broker.kill()
+    durable.broker.wait(10)
+    damage(first)
+    durable.start_broker("--journal", str(durable.journal), "--port", port)
+    durable.start_worker(1, env=RECONNECT)
+    with pytest.raises(error, match=f"kept in {first} next to the journal, {message}") as info:
+        futures[0].result(30)
+    assert type(info.value) is error
+    assert futures[1].result(30) == 1 << 20
+    assert client.submit(abs, -3).result(30) == 3
+    assert "a job failed: the job's arguments" in logs(durable.broker)
+    assert "Traceback" not in logs(durable.broker)
+    durable.wait_for(lambda s: s["results"] == 0, "the results to be acknowledged")
+    assert side_files(durable.journal) == []
+
+
+def test_large_arguments_sent_as_bytes_go_to_a_side_file_too(tmp_path):
+    """As a client on another host sends them (no /dev/shm file): the row
+    keeps their size, the side file the bytes, until the job is over."""
+    path = str(tmp_path / "journal.db")
+    journal = Journal(path)
+    big = b"x" * (1 << 20)
+    journal.submitted("c", 2, 3, [(1, 1, b"fn", big, False, Options()), (2, 2, b"fn", b"small", False, Options())],
+                      {b"fn": b"f"})
+    journal.commit()
+    assert side_files(Path(path)) == [tmp_path / "journal.db-payloads" / "1"]
+    assert [job[4] for job in journal.load()["jobs"]] == [big, b"small"]
+    journal.forgotten(1)
+    assert side_files(Path(path)) != []         # not before the commit
+    journal.commit()
+    assert side_files(Path(path)) == []
