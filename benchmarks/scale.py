@@ -1,22 +1,50 @@
-"""How the broker scales: many workers, many queued jobs.
+"""How the broker scales: many workers, each on a host of its own, and many queued jobs.
 
-Run from the repository root::
+Run from the repository root, as root (for the network namespaces)::
 
-    python benchmarks/scale.py              # 50 workers
-    python benchmarks/scale.py --workers 20 --queued 50000
+    python benchmarks/scale.py              # 50 workers, 30 s idle windows
+    python benchmarks/scale.py --workers 20 --queued 50000 --idle 10
 
-Two measurements, on one broker subprocess (``python -m mpqueue broker``):
+Three measurements, on one broker subprocess (``python -m mpqueue broker``):
 
 memory      The broker's RSS before and after queuing ``--queued`` jobs whose
             argument pickles to ~100 bytes, with no worker connected: bytes of
-            broker memory per queued job.
-W1 scale    10,000 no-op jobs (one ``submit`` each, then gather) with one
-            worker of 2 procs, then again with ``--workers`` workers of 1 proc
-            each connected at once: jobs/s for both, and their ratio. The
-            broker must keep W1-level throughput with many workers.
+            broker memory per queued job. (On loopback: no namespaces needed.)
+CPU per job 10,000 no-op jobs (W1: one ``submit`` each, then gather) with one
+            worker of 1 proc, then with ``--workers`` workers of 1 proc each:
+            the broker's CPU time (user + system, from psutil) over the run,
+            per job, and their ratio. With 50 workers and their 50 children
+            on a 2-core machine, wall-clock jobs/s is set by the machine, not
+            by the broker; its CPU per job is what tells whether more workers
+            cost it more per job. Printed with the jobs/s for reference.
+idle cost   The broker's CPU over ``--idle`` seconds with no worker, then
+            with ``--workers`` idle workers connected: the difference per
+            worker, in percent of one core.
 
-Every process it starts is stopped in ``finally`` (shutdown, then wait,
-terminate, kill) and checked for by PID at the end.
+The last two run over TCP between network namespaces, as on real hosts::
+
+                            namespace RUN-sw, bridge br0
+            ┌──────────────┬───────┴──────┬──────────────┬─── ... ───┐
+          v-br           v-c           v-w1           v-w2          v-wN
+            │              │              │              │              │
+        RUN-br eth0    RUN-c eth0    RUN-w1 eth0    RUN-w2 eth0    RUN-wN eth0
+        10.232.0.1     10.232.0.2    10.232.1.1     10.232.1.2     10.232.x.y
+        broker         client        worker 1       worker 2       worker N
+
+One namespace per worker: each worker has an address and TCP connections of
+its own, as on N hosts, and none reaches the broker's local (Unix) socket,
+which only processes in the broker's namespace are offered. A namespace costs
+one veth pair and no CPU; fewer namespaces with several workers each would
+look the same to the broker (one connection per worker thread either way),
+but N hosts is the case we claim. The broker listens on its bridge address
+(``--host``), so it needs an authkey: a fresh one, in ``$MPQUEUE_AUTHKEY``
+of every process. The client runs this script again (``--client``) in its
+namespace. Nothing is added to the root namespace, and traffic stays inside
+these namespaces. Without root or iproute2 the namespace measurements are
+skipped, saying why.
+
+Every process it starts is stopped in ``finally`` (by PID: terminate, wait,
+kill), and every namespace it made is deleted.
 """
 
 from __future__ import annotations
@@ -25,22 +53,33 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 
 from mpqueue import Client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPQUEUE = [sys.executable, "-m", "mpqueue"]
+BROKER_IP, CLIENT_IP = "10.232.0.1", "10.232.0.2"
 
 
-def start(command: list[str], env: dict, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mpqueue", *command], env=env, cwd=ROOT, **kwargs)
+def worker_ip(i: int) -> str:
+    """Worker ``i``'s address (from 0), on the /16 the bridge joins."""
+    return f"10.232.{1 + i // 250}.{1 + i % 250}"
+
+
+def cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
+    """Ask each process to stop (SIGTERM), then kill what is left, with its children."""
     for process in processes:
         if process.poll() is None:
             process.terminate()
@@ -48,89 +87,217 @@ def stop(processes: list[subprocess.Popen]) -> None:
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
-            for p in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
-                p.kill()
+            try:
+                tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                tree = []
+            for p in tree:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
             process.wait()
 
 
-def workers_registered(address: str, env: dict) -> int:
-    out = subprocess.run([sys.executable, "-m", "mpqueue", "status", address, "--json"],
-                         env=env, capture_output=True, text=True, cwd=ROOT)
-    return len(json.loads(out.stdout)["workers"]) if out.returncode == 0 else 0
-
-
-def wait_for_workers(address: str, env: dict, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while workers_registered(address, env) < n:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fewer than {n} workers registered after {timeout} s")
-        time.sleep(0.5)
-
-
-def w1(client: Client, jobs: int = 10_000) -> float:
-    client.submit(abs, -1).result(60)
+def w1(client: Client, jobs: int) -> float:
+    """W1: ``jobs`` no-op jobs, one submit each, then all gathered: jobs/s."""
     start_time = time.perf_counter()
     futures = [client.submit(abs, -i) for i in range(jobs)]
     for f in futures:
-        f.result(120)
+        f.result(300)
     return jobs / (time.perf_counter() - start_time)
+
+
+def client_main(address: str, jobs: int) -> int:
+    """``--client``: warm up, say ``ready``, run W1 on a line from stdin, print jobs/s."""
+    with Client(address) as client:
+        client.submit(abs, -1).result(60)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        print(json.dumps(w1(client, jobs)), flush=True)
+    return 0
+
+
+class Net:
+    """The namespaces of one run, and the processes it starts in them."""
+
+    def __init__(self, ip: str, env: dict):
+        self.ip = ip
+        self.env = env
+        self.run_id = "mpqs" + uuid.uuid4().hex[:6]
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def ns(self, role: str) -> str:
+        return f"{self.run_id}-{role}"
+
+    def sh(self, *args: str) -> None:
+        subprocess.run([self.ip, *args], check=True, capture_output=True, text=True, timeout=10)
+
+    def build(self, workers: int) -> None:
+        switch = self._namespace("sw")
+        self.sh("-n", switch, "link", "add", "br0", "type", "bridge")
+        self.sh("-n", switch, "link", "set", "br0", "up")
+        hosts = {"br": BROKER_IP, "c": CLIENT_IP, **{f"w{i}": worker_ip(i) for i in range(workers)}}
+        for role, address in hosts.items():
+            ns = self._namespace(role)
+            self.sh("-n", switch, "link", "add", f"v-{role}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self.sh("-n", ns, "addr", "add", f"{address}/16", "dev", "eth0")
+            self.sh("-n", ns, "link", "set", "eth0", "up")
+            self.sh("-n", switch, "link", "set", f"v-{role}", "master", "br0", "up")
+
+    def _namespace(self, role: str) -> str:
+        name = self.ns(role)
+        self.sh("netns", "add", name)
+        self.namespaces.append(name)
+        self.sh("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def popen(self, role: str, command: list[str], **kwargs) -> subprocess.Popen:
+        """Run ``command`` in a namespace. `ip netns exec` execs it: the
+        process's PID is the command's."""
+        proc = subprocess.Popen([self.ip, "netns", "exec", self.ns(role), *command], env=self.env, cwd=ROOT,
+                                **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def workers(self, address: str, first: int, n: int) -> list[subprocess.Popen]:
+        return [self.popen(f"w{i}", [*MPQUEUE, "worker", address, "--procs", "1"]) for i in range(first, first + n)]
+
+    def registered(self, address: str) -> int:
+        out = subprocess.run([self.ip, "netns", "exec", self.ns("c"), *MPQUEUE, "status", address, "--json"],
+                             env=self.env, capture_output=True, text=True, cwd=ROOT)
+        return len(json.loads(out.stdout)["workers"]) if out.returncode == 0 else 0
+
+    def wait_for_workers(self, address: str, n: int, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while self.registered(address) != n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} workers did not register within {timeout} s")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Stop every process started here, then delete the namespaces (the
+        veth pairs and the bridge go with them)."""
+        try:
+            stop(self.procs[::-1])
+        finally:
+            for ns in reversed(self.namespaces):
+                subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
+
+
+def broker_cpu_per_job(net: Net, address: str, broker: psutil.Process, jobs: int) -> tuple[float, float]:
+    """W1 from a client in namespace c: (jobs/s, broker CPU seconds per job)."""
+    client = net.popen("c", [sys.executable, os.path.abspath(__file__), "--client", address, "--jobs", str(jobs)],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if client.stdout.readline().strip() != "ready":
+            raise RuntimeError("the client did not get ready")
+        before = cpu(broker)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        rate = json.loads(client.stdout.readline())
+        used = cpu(broker) - before
+        client.stdin.close()
+        client.wait(60)
+    finally:
+        stop([client])
+    return rate, used / jobs
+
+
+def idle_cpu(broker: psutil.Process, seconds: float) -> float:
+    """The broker's CPU over ``seconds``, as a fraction of one core."""
+    before = cpu(broker)
+    time.sleep(seconds)
+    return (cpu(broker) - before) / seconds
+
+
+def namespaces(args: argparse.Namespace, env: dict) -> dict | None:
+    """CPU per job and idle cost in namespaces; None (saying why) where they cannot be made."""
+    ip = shutil.which("ip") or next((p for p in ("/usr/sbin/ip", "/sbin/ip") if os.access(p, os.X_OK)), None)
+    if not sys.platform.startswith("linux") or os.geteuid() != 0 or ip is None:
+        print("skipping the namespace measurements: they need Linux, root and iproute2 (`ip`)")
+        return None
+    net = Net(ip, env)
+    try:
+        try:
+            net.build(args.workers)
+        except subprocess.CalledProcessError as e:
+            print(f"skipping the namespace measurements: `{' '.join(e.cmd)}` failed: {e.stderr.strip()}")
+            return None
+        broker_proc = net.popen("br", [*MPQUEUE, "broker", "--host", BROKER_IP, "--port", "0"],
+                                stdout=subprocess.PIPE, text=True)
+        address = broker_proc.stdout.readline().rsplit("listening on", 1)[1].split()[0]
+        broker = psutil.Process(broker_proc.pid)
+        time.sleep(1)
+        alone = idle_cpu(broker, args.idle)
+
+        one = net.workers(address, 0, 1)
+        net.wait_for_workers(address, 1)
+        single = broker_cpu_per_job(net, address, broker, args.jobs)
+        stop(one)
+
+        many = net.workers(address, 0, args.workers)
+        net.wait_for_workers(address, args.workers)
+        time.sleep(2)       # their first heartbeats and fetches settle
+        idle = idle_cpu(broker, args.idle)
+        spread = broker_cpu_per_job(net, address, broker, args.jobs)
+        stop(many)      # workers first: they unregister from a live broker
+    finally:
+        net.close()
+    return {"single": single, "spread": spread, "alone": alone, "idle": idle}
+
+
+def memory_per_job(queued: int, env: dict) -> float:
+    """Bytes of broker RSS per queued job (~100-byte argument), no worker connected."""
+    broker = subprocess.Popen([*MPQUEUE, "broker", "--port", "0"], env=env, cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        address = broker.stdout.readline().decode().rsplit("listening on", 1)[1].split()[0]
+        rss = psutil.Process(broker.pid).memory_info().rss
+        with Client(address) as client:
+            argument = os.urandom(60)   # pickles, with the call's tuple, to ~100 bytes
+            futures = [client.submit(len, argument) for _ in range(queued)]
+            deadline = time.monotonic() + 60
+            while (json.loads(subprocess.run(
+                    [*MPQUEUE, "status", address, "--json"], env=env,
+                    capture_output=True, text=True, cwd=ROOT).stdout)["queued"] < queued):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("jobs did not all reach the broker")
+                time.sleep(0.2)
+            per_job = (psutil.Process(broker.pid).memory_info().rss - rss) / queued
+            client.shutdown(cancel_futures=True)
+        del futures
+    finally:
+        stop([broker])
+    return per_job
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=50)
     parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--jobs", type=int, default=10_000, help="W1's jobs per run")
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds of each idle window")
+    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)   # the run in namespace c
     args = parser.parse_args()
-    key = secrets.token_hex(16)
-    env = dict(os.environ, MPQUEUE_AUTHKEY=key, MPQUEUE_LOG_LEVEL="WARNING")
+    if args.client:
+        return client_main(args.client, args.jobs)
+    env = dict(os.environ, MPQUEUE_AUTHKEY=secrets.token_hex(16), MPQUEUE_LOG_LEVEL="WARNING")
     env.pop("MPQUEUE_ADDRESS", None)
-    processes: list[subprocess.Popen] = []
-    try:
-        broker = start(["broker", "--port", "0"], env, stdout=subprocess.PIPE)
-        processes.append(broker)
-        address = broker.stdout.readline().decode().rsplit("listening on", 1)[1].split()[0]
-        rss = psutil.Process(broker.pid).memory_info().rss
+    os.environ.update(MPQUEUE_AUTHKEY=env["MPQUEUE_AUTHKEY"])   # this process's clients
 
-        # Memory per queued job: no worker yet, so everything stays queued.
-        with Client(address, authkey=key) as client:
-            argument = os.urandom(60)   # pickles, with the call's tuple, to ~100 bytes
-            futures = [client.submit(len, argument) for _ in range(args.queued)]
-            deadline = time.monotonic() + 60
-            while (json.loads(subprocess.run(
-                    [sys.executable, "-m", "mpqueue", "status", address, "--json"], env=env,
-                    capture_output=True, text=True, cwd=ROOT).stdout)["queued"] < args.queued):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("jobs did not all reach the broker")
-                time.sleep(0.2)
-            per_job = (psutil.Process(broker.pid).memory_info().rss - rss) / args.queued
-            client.shutdown(cancel_futures=True)
-        del futures
-
-        one = start(["worker", address, "--procs", "2"], env)
-        processes.append(one)
-        wait_for_workers(address, env, 1)
-        broker_cpu = psutil.Process(broker.pid)
-        with Client(address, authkey=key) as client:
-            before = sum(broker_cpu.cpu_times()[:2])
-            single = w1(client)
-            single_cpu = sum(broker_cpu.cpu_times()[:2]) - before
-        stop([one])
-
-        many = [start(["worker", address, "--procs", "1"], env) for _ in range(args.workers)]
-        processes.extend(many)
-        wait_for_workers(address, env, args.workers)
-        with Client(address, authkey=key) as client:
-            before = sum(broker_cpu.cpu_times()[:2])
-            spread = w1(client)
-            spread_cpu = sum(broker_cpu.cpu_times()[:2]) - before
-        stop(many)     # workers first: they unregister from a live broker
-    finally:
-        stop(processes[::-1])
-    print(f"broker memory per queued job (~100-byte argument): {per_job:,.0f} bytes "
-          f"({args.queued:,} jobs queued)")
-    print(f"W1 with 1 worker x 2 procs:    {single:>9,.0f} jobs/s, broker CPU {single_cpu * 100:.0f} us/job")
-    print(f"W1 with {args.workers} workers x 1 proc: {spread:>9,.0f} jobs/s, broker CPU "
-          f"{spread_cpu * 100:.0f} us/job ({spread / single:.2f}x the throughput)")
+    per_job = memory_per_job(args.queued, env)
+    print(f"broker memory per queued job (~100-byte argument): {per_job:,.0f} bytes ({args.queued:,} jobs queued)")
+    found = namespaces(args, env)
+    if found is None:
+        return 0
+    (rate1, cpu1), (rate_n, cpu_n) = found["single"], found["spread"]
+    print(f"W1, {args.jobs:,} jobs, 1 worker x 1 proc:   {rate1:>7,.0f} jobs/s, broker CPU {cpu1 * 1e6:.0f} us/job")
+    print(f"W1, {args.jobs:,} jobs, {args.workers} workers x 1 proc: {rate_n:>7,.0f} jobs/s, broker CPU "
+          f"{cpu_n * 1e6:.0f} us/job ({cpu_n / cpu1:.2f}x the CPU per job of 1 worker)")
+    per_worker = (found["idle"] - found["alone"]) / args.workers
+    print(f"idle broker over {args.idle:.0f} s: {found['alone'] * 100:.3f}% of a core alone, "
+          f"{found['idle'] * 100:.3f}% with {args.workers} idle workers: {per_worker * 100:.4f}% per worker")
     return 0
 
 
