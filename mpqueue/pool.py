@@ -141,8 +141,11 @@ class ProcessPool:
         self.children = [Child(first, self.link) for _ in range(procs)]
         self._retiring: list[Child] = []    # asked to exit; reaped when they do
         self._next_memory_check = 0.0
-        #: Moving averages of how long a job takes here (pipe round trip
-        #: included): over all jobs, and per function.
+        #: Moving averages of how long a job takes in its child, as the
+        #: child clocks it: over all jobs, and per function. Not the time
+        #: until its result reaches us: on a host with more processes than
+        #: cores that includes waits for a core, which made a no-op job look
+        #: like 5 ms there, and the worker fetch and batch a few jobs at a time.
         self.job_seconds: float | None = None
         self.fn_seconds: dict[bytes, float] = {}
 
@@ -199,7 +202,7 @@ class ProcessPool:
             child = by_conn.get(ready_one)
             if child is not None:
                 try:
-                    results = child.conn.recv()
+                    results, seconds = child.conn.recv()
                 except BadMessage as e:
                     # The pipe is out of step: the child goes, failing its
                     # job. (A result over the limit fails in the child, before this.)
@@ -210,7 +213,7 @@ class ProcessPool:
                     continue    # it died; its sentinel tells the rest
                 outcomes.extend(Outcome(i, Status(status), payload, retryable)
                                 for i, status, payload, retryable in results)
-                self._finished(child)
+                self._finished(child, seconds)
             child = by_sentinel.get(ready_one)
             if child is not None:
                 lost, rerun = self._reap(child)
@@ -219,8 +222,9 @@ class ProcessPool:
         self._enforce_deadlines()
         return outcomes, again
 
-    def _finished(self, child: Child) -> None:
-        took = (time.monotonic() - child.started) / len(child.batch)
+    def _finished(self, child: Child, seconds: float) -> None:
+        """A child sent its batch's results; its jobs took ``seconds`` in all."""
+        took = seconds / len(child.batch)
         self.job_seconds = took if self.job_seconds is None else 0.8 * self.job_seconds + 0.2 * took
         fn = child.batch[0][0].fn
         previous = self.fn_seconds.get(fn)
@@ -360,11 +364,12 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
             return
         tasks, blobs, max_payload, shm_tag = message
         results = []
+        began = time.perf_counter()
         for task in tasks:
             status, payload, retryable = _execute(task, blobs[task.fn], functions, max_payload, shm_tag)
             results.append((task.id, int(status), payload, retryable))
         try:
-            conn.send(results)
+            conn.send((results, time.perf_counter() - began))
         except OSError:
             return
 
