@@ -310,6 +310,11 @@ class BrokerState:
         closing = self.closing()
         if self._fetchers and (self._queued or self._recheck_fetchers or closing):
             self._recheck_fetchers = False
+            # Each parked fetch gets its share of the queue as it is now. The
+            # share taken anew after each lease shrank down the line: of 500
+            # jobs, 50 workers got 10, 9, ..., 2, 1 and took 200 more calls for
+            # the third left, each costing the broker more than a job does.
+            share = self._share()
             waiting: deque[_Parked] = deque()
             for parked in self._fetchers:
                 assert parked.worker is not None
@@ -322,7 +327,7 @@ class BrokerState:
                     # It registered again meanwhile: this call's connection is
                     # a dead one it left. Lease nothing on it.
                     self._answer(parked, ([], {}))
-                elif self._queued and (leased := self._lease(worker, parked.max_jobs))[0]:
+                elif self._queued and (leased := self._lease(worker, min(parked.max_jobs, share)))[0]:
                     self._answer(parked, leased)
                 else:
                     waiting.append(parked)
@@ -618,19 +623,22 @@ class BrokerState:
         if self.closing():
             return None
         self._promote_due(now)
-        leased = self._lease(worker, max_jobs)
+        leased = self._lease(worker, min(max_jobs, self._share()))
         if leased[0] or wait <= 0:
             return leased
         return self._park(reply, wait, now, session, worker, max_jobs)
 
-    def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
-        """Queued jobs for a worker: ``(tasks, functions)``.
+    def _share(self) -> int:
+        """A worker's share of the queue: queued jobs divided by registered
+        workers, rounded up. A worker whose last jobs were short asks for
+        many, and must not take a burst of long ones alone."""
+        return -(-self._queued // max(1, len(self._workers)))
 
-        No more than its share of the queue: a worker whose last jobs were
-        short asks for many, and must not take a burst of long ones alone.
-        And about `BATCH_BYTES` of arguments and functions at most.
+    def _lease(self, worker: _Worker, max_jobs: int) -> tuple[list[Task], dict[bytes, bytes]]:
+        """Up to ``max_jobs`` queued jobs for a worker (the caller caps it at
+        its `_share`): ``(tasks, functions)``, with about `BATCH_BYTES` of
+        arguments and functions at most.
         """
-        max_jobs = min(max_jobs, -(-self._queued // len(self._workers)))
         tasks: list[Task] = []
         functions: dict[bytes, bytes] = {}
         size = 0

@@ -225,3 +225,14 @@ def test_a_shared_queue_is_split_among_workers(h):
     h.worker("w2")
     h.submit(*[Options()] * 10)
     assert len(h.fetch("w1", n=64)) == 5
+
+
+def test_parked_fetches_each_get_their_share_of_the_queue_as_it_was_when_jobs_came(h):
+    """Not a share taken anew after each lease, which shrank down the line (10, 9, ... 1)
+    and left a third of the jobs to many calls of a job or two each."""
+    workers = [f"w{i}" for i in range(50)]
+    for w in workers:
+        h.worker(w)
+        assert h.fetch(w, n=64, wait=2.0, reply=w) is PARKED
+    h.submit(*[Options()] * 500)
+    assert sorted(len(tasks) for _, (_, (tasks, _)) in h.effects.answers) == [10] * 50
