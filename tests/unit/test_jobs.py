@@ -236,3 +236,14 @@ def test_parked_fetches_each_get_their_share_of_the_queue_as_it_was_when_jobs_ca
         assert h.fetch(w, n=64, wait=2.0, reply=w) is PARKED
     h.submit(*[Options()] * 500)
     assert sorted(len(tasks) for _, (_, (tasks, _)) in h.effects.answers) == [10] * 50
+
+
+def test_a_fetch_takes_its_share_of_the_latest_submit_not_of_what_is_left_of_it(h):
+    """Of 100 jobs and 50 workers, each fetch takes 2, down to the last:
+    not 1 each once fewer than 50 are left (a call per job)."""
+    for i in range(50):
+        h.worker(f"w{i}")
+    h.submit(*[Options()] * 100)
+    assert [len(h.fetch(f"w{i}", n=64)) for i in range(50)] == [2] * 50
+    h.submit(*[Options()] * 10)     # a new submit: a share of what is queued now
+    assert len(h.fetch("w0", n=64)) == 1
