@@ -3,7 +3,7 @@
 ::
 
     worker main thread ──[Task…], {digest: function}──▶ child pipe ──▶ child: fn(*args)…
-                       ◀──[(id, Status, bytes, retryable)…]───────────────┘
+                       ◀──[(id, Status, bytes, retryable)…], seconds──────┘
                        ◀── process sentinel ready: the child died ──▶ replace it
 
 ``multiprocessing.Pool`` hangs forever when a child is killed, and

@@ -311,8 +311,8 @@ class BrokerState:
         closing = self.closing()
         if self._fetchers and (self._queued or self._recheck_fetchers or closing):
             self._recheck_fetchers = False
-            # Each parked fetch gets its share of the queue as it is now. The
-            # share taken anew after each lease shrank down the line: of 500
+            # Each parked fetch gets the share taken before the first of them.
+            # Taken anew after each lease, it shrank down the line: of 500
             # jobs, 50 workers got 10, 9, ..., 2, 1 and left a third of them
             # to calls of a job or two, each costing the broker more than a job.
             share = self._share()

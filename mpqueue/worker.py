@@ -79,8 +79,8 @@ def refill(procs: int, capacity: int) -> int:
 
     Asking as soon as one job finishes costs the broker a call per job or two
     when the worker gets a core only now and then (many workers on few cores)
-    or when the broker is far: a call costs the broker about 100 us of CPU, a
-    no-op job 20. Waiting until half the prefetch has run asks for many at
+    or when the broker is far: a call costs the broker about 90 us of CPU, a
+    no-op job 15. Waiting until half the prefetch has run asks for many at
     once, while the other half (about ``prefetch_seconds / 2`` of work) keeps
     the children busy during the round trip. With long jobs the prefetch is
     one job per proc, and a worker of one proc still asks at once.
@@ -356,9 +356,10 @@ class Worker:
     def _fetch_loop(self) -> None:
         while True:
             with self._lock:
-                # Even when full, ask every wait slice (for nothing, without
-                # waiting): a worker the broker presumed lost, its link cut
-                # and restored, learns it here and rejoins while its jobs run.
+                # Even short of room (`refill`), ask every wait slice (for
+                # what room there is, if none without waiting): a worker the
+                # broker presumed lost, its link cut and restored, learns it
+                # here and rejoins while its jobs run.
                 full_until = time.monotonic() + SETTINGS.wait_slice
                 while (not self._stop and self._capacity - self._in_hand < refill(self.procs, self._capacity)
                        and (left := full_until - time.monotonic()) > 0):
