@@ -40,6 +40,7 @@ from .protocol import (
     Delivery,
     Kick,
     Outcome,
+    Payload,
     Submission,
     WorkerHello,
     WorkerWelcome,
@@ -237,7 +238,7 @@ class Broker:
             self._bind(caller, session, state)
             state.submit(session, submissions, functions, time.monotonic(), code)
 
-    def payload(self, session: str, path: str, *, caller: Caller | None = None) -> bytes | None:
+    def payload(self, session: str, path: str, *, caller: Caller | None = None) -> Payload | None:
         """A job's arguments or result a process of this host left in shared
         memory (`shm`), for one that cannot see the file; None if it is not
         such a file (the name is checked, not looked up among the jobs: that
@@ -245,8 +246,8 @@ class Broker:
         if not shm.is_payload_file(path):
             return None
         try:
-            return shm.read(path)
-        except OSError:
+            return shm.mapped(path)
+        except (OSError, ValueError):
             return None
 
     def sweep_payloads(self) -> None:

@@ -48,13 +48,17 @@ from .protocol import (
     Failure,
     Kick,
     Options,
+    Payload,
     Status,
     Submission,
     Warned,
     batch_length,
     digest,
     dumps_noting,
+    dumps_payload,
     loads,
+    out_of_band,
+    payload_size,
     too_large,
     unpack_exception,
     wrap_function,
@@ -149,10 +153,11 @@ def _same(obj: Any) -> Any:
     return obj
 
 
-def _pickle(what: str, obj: Any) -> tuple[bytes, set[str]]:
-    """The pickle, and the modules it names (which the workers must import)."""
+def _pickle(what: str, obj: Any, dump: Callable[[Any], tuple[Any, set[str]]] = dumps_noting) -> tuple[Any, set[str]]:
+    """The pickle, and the modules it names (which the workers must import);
+    ``dump`` is `dumps_payload` for arguments."""
     try:
-        return dumps_noting(obj)
+        return dump(obj)
     except Exception as e:
         import pickle
         raise pickle.PicklingError(f"cannot send the job's {what} to the cluster: {e}") from e
@@ -268,7 +273,7 @@ class _Submitter:
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         """Run ``fn(*args, **kwargs)`` on the cluster."""
-        return self._client._submit(fn, _pickle("arguments", (args, kwargs)), False, self._defaults)
+        return self._client._submit(fn, _pickle("arguments", (args, kwargs), dumps_payload), False, self._defaults)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, progress: bool = False) -> Iterator:
@@ -288,12 +293,12 @@ class _Submitter:
         if chunksize == 1:
             def submit_next():
                 for args in items:
-                    return client._submit(fn, _pickle("arguments", (args, {})), False, options)
+                    return client._submit(fn, _pickle("arguments", (args, {}), dumps_payload), False, options)
         else:
             def submit_next():
                 chunk = list(itertools.islice(items, chunksize))
                 if chunk:
-                    return client._submit(fn, _pickle("arguments", chunk), True, options)
+                    return client._submit(fn, _pickle("arguments", chunk, dumps_payload), True, options)
         window = client._max_pending or MAP_WINDOW
         futures: deque = deque()
         while len(futures) < window and (f := submit_next()) is not None:
@@ -394,16 +399,19 @@ class Client(_Submitter, concurrent.futures.Executor):
 
     # -- submitting -----------------------------------------------------------
 
-    def _submit(self, fn: Callable, arguments: tuple[bytes, set[str]], chunked: bool, options: Options) -> JobFuture:
+    def _submit(self, fn: Callable, arguments: tuple[bytearray, set[str]], chunked: bool,
+                options: Options) -> JobFuture:
         """Queue ``fn`` with ``arguments`` (their pickle, and the modules it names)."""
-        payload, modules = arguments
+        pickled: bytes | bytearray
+        pickled, modules = arguments
         key, blob, bundle = self._functions.get(fn, frozenset(modules) if modules else frozenset())
         self._check_open()
-        error = too_large("the job's function and arguments pickle", len(blob) + len(payload), self._max_payload)
+        error = too_large("the job's function and arguments pickle", len(blob) + len(pickled), self._max_payload)
         if error is not None:
             raise error
-        if self._shm and len(payload) >= shm.THRESHOLD:
-            payload = shm.write(payload, self.session) or payload     # on the broker's host: no socket
+        if self._shm and len(pickled) >= shm.THRESHOLD:
+            pickled = shm.write(pickled, self.session) or pickled     # on the broker's host: no socket
+        payload = out_of_band(pickled)
         if self._slots is not None:
             self._take_slot()
         with self._lock:
@@ -627,7 +635,7 @@ class Client(_Submitter, concurrent.futures.Executor):
                     self._to_send.wait()
                 if not self._outbox or self._failure is not None:
                     return
-                cut = batch_length(self._outbox, lambda job: len(job[0].payload) + len(job[1]))
+                cut = batch_length(self._outbox, lambda job: payload_size(job[0].payload) + len(job[1]))
                 batch, self._outbox = self._outbox[:cut], self._outbox[cut:]
                 self._sending = True
                 self._in_flight = {sub.seq for sub, _ in batch}
@@ -819,7 +827,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             future.set_exception(e)
         return True
 
-    def _result(self, payload: bytes) -> Any:
+    def _result(self, payload: Payload) -> Any:
         """A result, unpickled: read in place if its job's process left it in
         shared memory (`shm`) on this host, or fetched from the broker."""
         path = shm.path_of(payload)

@@ -2,20 +2,32 @@
 and between a worker and its children.
 
 It is ``multiprocessing.connection.Connection`` with the same wire format (a
-4-byte length, or -1 and an 8-byte one, then a pickle), sent and received
-without the copies the standard class makes of a large message:
+4-byte length, or -1 and an 8-byte one, then a pickle), plus one frame of
+our own for large payloads, sent and received without the copies the
+standard class makes of a large message:
 
-* sending, the pickler writes to a list of pieces, and it hands over an
-  argument or result of 64 KiB or more (a ``bytes`` payload) by reference
-  rather than copying it into its buffer; the pieces go out in one
-  ``writev``;
-* receiving, the message is read straight into one buffer of its exact
-  size, not in chunks gathered in a ``BytesIO``.
+* sending, the pickler writes to a list of pieces, and it hands over any
+  other ``bytes`` of 64 KiB or more by reference rather than copying them
+  into its buffer; the pieces go out in one ``writev``;
+* a payload that travels as a ``pickle.PickleBuffer`` (an argument or result
+  of `protocol.OUT_OF_BAND` bytes or more) is not pickled at all: protocol 5
+  leaves it out of band, and the frame carries it after the pickle, written
+  from the payload's own memory in the same ``writev``::
 
-A megabyte argument crosses each hop with the kernel's copies and one more,
-where it is unpickled. It also ends (EOFError) on a message it cannot take:
-one over MAX_MESSAGE, or one that does not unpickle. The stream is out of
-step after either, so the connection closes; others are not affected.
+      -2 (4 bytes), the pickle's length (8), N (4), N lengths (8 each),
+      the pickle, then the N buffers
+
+* receiving, the pickle is read into one buffer of its exact size, and each
+  out-of-band buffer into one of its own, preallocated, in one ``readv``;
+  the message is unpickled around them, and each arrives as a
+  ``PickleBuffer`` over its buffer, which the next hop sends out of band in
+  turn. So a broker or a worker passing a payload on never copies,
+  unpickles or pickles it: the kernel's copies are the only ones.
+
+It ends (EOFError) on a message it cannot take: one over MAX_MESSAGE, one
+whose header makes no sense, or one that does not unpickle. The stream is
+out of step after any of them, so the connection closes; others are not
+affected.
 
 A receiver waits for a message in ``poll()``, not in ``read()``: a reader
 blocked in ``read()`` on a Unix socket is also woken each time its peer
@@ -49,7 +61,12 @@ broker_log = logging.getLogger("mpqueue.broker")    # the broker's refusals, in 
 MAX_MESSAGE = 1 << 30
 _SHORT = struct.Struct("!i")
 _LONG = struct.Struct("!iQ")
+_BUFFERS = struct.Struct("!QI")     # after -2: the pickle's length, how many buffers follow it
+_SIZE = struct.Struct("!Q")
 _IOV_MAX = 512      # pieces per writev (the system's limit is at least 1024)
+#: More out-of-band buffers than this in one message is a bad header (a
+#: batch holds at most `protocol.BATCH_BYTES` of payloads of 64 KiB or more).
+_MAX_BUFFERS = 1 << 16
 
 
 class BadMessage(EOFError):
@@ -65,10 +82,17 @@ class _Pieces(list):
 
 
 def _message(obj) -> list:
-    """A message's pieces: its length, then its pickle (see the module docstring)."""
+    """A message's pieces: its header, its pickle, then its out-of-band
+    buffers as they are (see the module docstring)."""
     pieces = _Pieces()
-    pickle.Pickler(pieces, pickle.HIGHEST_PROTOCOL).dump(obj)
+    buffers: list[pickle.PickleBuffer] = []
+    # buffers.append returns None: every PickleBuffer goes out of band.
+    pickle.Pickler(pieces, 5, buffer_callback=buffers.append).dump(obj)
     size = sum(map(len, pieces))
+    if buffers:
+        raw = [buffer.raw() for buffer in buffers]
+        header = _SHORT.pack(-2) + _BUFFERS.pack(size, len(raw)) + struct.pack(f"!{len(raw)}Q", *map(len, raw))
+        return [header, *pieces, *raw]
     return [_SHORT.pack(size) if size <= 0x7fffffff else _LONG.pack(-1, size), *pieces]
 
 
@@ -120,14 +144,23 @@ class Connection(connection.Connection):
         self._check_readable()
         self._poll(None)
         size, = _SHORT.unpack(self._read(_SHORT.size, first=True))
+        sizes = ()
         if size == -1:
-            size, = struct.unpack("!Q", self._read(8))
-        if size > MAX_MESSAGE:
+            size, = _SIZE.unpack(self._read(_SIZE.size))
+        elif size == -2:
+            size, count = _BUFFERS.unpack(self._read(_BUFFERS.size))
+            if count <= _MAX_BUFFERS:
+                sizes = struct.unpack(f"!{count}Q", self._read(_SIZE.size * count))
+            else:
+                size = -2
+        if size < 0:
+            why = "a message whose header makes no sense"
+        elif size + sum(sizes) > MAX_MESSAGE:
             why = f"a message over {MAX_MESSAGE} bytes"
         else:
-            message = self._read(size)
+            message, *buffers = self._read_all((size, *sizes))
             try:
-                return pickle.loads(message)
+                return pickle.loads(message, buffers=map(pickle.PickleBuffer, buffers))
             except Exception as e:
                 why = f"a message that does not unpickle ({type(e).__name__})"
         if self.peer is not None:
@@ -153,13 +186,26 @@ class Connection(connection.Connection):
         view = memoryview(buf)
         got = 0
         while got < size:
-            n = self._read_into(view[got:])
+            n = self._read_into([view[got:]])
             if not n:
                 if first and got == 0:
                     raise EOFError
                 raise OSError("got end of file during message")
             got += n
         return buf
+
+    def _read_all(self, sizes: tuple[int, ...]) -> list[bytearray]:
+        """Buffers of exactly ``sizes`` bytes, filled from the stream in turn
+        (one ``readv`` when it holds them all). OSError if the peer closed
+        before they were."""
+        buffers = [bytearray(size) for size in sizes]
+        views = [memoryview(b) for b in buffers if b]
+        while views:
+            n = self._read_into(views[:_IOV_MAX])
+            if not n:
+                raise OSError("got end of file during message")
+            views = _advance(views, n)
+        return buffers
 
     def _poll(self, timeout: float | None) -> bool:
         """Whether a message starts to arrive within ``timeout`` s (None:
@@ -170,8 +216,8 @@ class Connection(connection.Connection):
             self._poller.register(self._handle, select.POLLIN)
         return bool(self._poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
 
-    def _read_into(self, view: memoryview) -> int:
-        return os.readv(self._handle, [view])
+    def _read_into(self, views: list[memoryview]) -> int:
+        return os.readv(self._handle, views)
 
 
 class TLSConnection(Connection):
@@ -195,8 +241,8 @@ class TLSConnection(Connection):
         for piece in pieces:
             self._sock.sendall(piece)
 
-    def _read_into(self, view):
-        return self._sock.recv_into(view)
+    def _read_into(self, views):
+        return self._sock.recv_into(views[0])
 
     def _poll(self, timeout):
         # Bytes TLS has decrypted already are not readable on the descriptor.

@@ -68,8 +68,8 @@ _TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake rec
 
 #: The format of the messages and broker methods after the handshake: it
 #: changes when one changes in a way an older peer would misread (2: the
-#: shipped code and shared objects).
-PROTOCOL = "2"
+#: shipped code and shared objects; 3: large payloads out of band).
+PROTOCOL = "3"
 
 #: What a process tells the broker about itself when it connects, and the
 #: broker answers with. Pickles made with one Python minor version or

@@ -299,6 +299,8 @@ class Journal:
             payload = payload.as_dict()     # as every version wrote it: see `_payload`
         elif isinstance(payload, bytes):
             payload = self._inline(payload)
+        else:
+            payload = payload.raw().tobytes()   # out of band (`protocol.Payload`): bytes, as ever
         self._results.append((session, number, delivery.seq, int(delivery.status),
                               pickle.dumps(payload, protocol=5), delivery.attempts, created))
         self._numbers[session] = number     # numbers only grow: the last one is the client's

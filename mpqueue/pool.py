@@ -46,7 +46,20 @@ from . import shared, shipping, shm
 from .config import SETTINGS
 from .connection import BadMessage, Connection
 from .errors import EnvironmentMismatch
-from .protocol import Failure, Outcome, Status, Task, Warned, dumps, loads, pack_exception, too_large, unwrap_function
+from .protocol import (
+    Failure,
+    Outcome,
+    Payload,
+    Status,
+    Task,
+    Warned,
+    dumps_payload,
+    loads,
+    out_of_band,
+    pack_exception,
+    too_large,
+    unwrap_function,
+)
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
@@ -375,7 +388,7 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
 
 
 def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int,
-             shm_tag: str | None = None) -> tuple[Status, bytes, bool]:
+             shm_tag: str | None = None) -> tuple[Status, Payload, bool]:
     shared._job = (task.id, task.attempt)
     try:
         fn, warning = _function(task.fn, blob, functions)
@@ -390,19 +403,19 @@ def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int,
         return Status.ERROR, pack_exception(exc, task.attempt), _retryable(exc, task.retry_on)
     del args
     try:
-        payload = dumps(result if warning is None else Warned(result, warning))
+        pickled: bytes | bytearray = dumps_payload(result if warning is None else Warned(result, warning))[0]
     except BaseException as exc:
         err = pickle.PicklingError(f"cannot pickle the result of the job: {exc}")
         err.__cause__ = exc
         return Status.ERROR, pack_exception(err, task.attempt), False
     del result
-    error = too_large("the job's result pickles", len(payload), max_payload)
+    error = too_large("the job's result pickles", len(pickled), max_payload)
     if error is not None:
         return Status.ERROR, pack_exception(error, task.attempt), False
-    if shm_tag is not None and len(payload) >= shm.THRESHOLD:
+    if shm_tag is not None and len(pickled) >= shm.THRESHOLD:
         # Held by the worker until the broker has it: the worker is its owner.
-        payload = shm.write(payload, shm_tag, owner=os.getppid()) or payload
-    return Status.OK, payload, False
+        pickled = shm.write(pickled, shm_tag, owner=os.getppid()) or pickled
+    return Status.OK, out_of_band(pickled), False
 
 
 def _retryable(exc: BaseException, retry_on: bytes | None) -> bool:
@@ -436,7 +449,7 @@ def _function(key: bytes, blob: bytes, functions: OrderedDict) -> tuple[Any, str
     return functions[key][0], warning
 
 
-def _load(pickled: bytes, what: str) -> Any:
+def _load(pickled: Payload, what: str) -> Any:
     """Unpickle the job's function or arguments (read in place from shared
     memory if its client left them there: `shm`)."""
     try:

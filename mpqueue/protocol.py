@@ -10,6 +10,10 @@ cloudpickle by the client and the child, and travels as opaque ``bytes``
 through the broker and the worker, which never unpickle it: a bad payload
 cannot crash them, and user code need not be importable there. The message
 tuples themselves hold only plain types and are pickled by the transport.
+A payload of `OUT_OF_BAND` bytes or more travels as a ``pickle.PickleBuffer``
+over the bytearray it was pickled into (`Payload`), which the transport
+sends beside the message's pickle and receives into a bytearray of its own:
+it is never copied into a pickle or out of one on the way (`connection`).
 The hops each message makes, thread by thread: docs/internals.md.
 """
 
@@ -28,7 +32,7 @@ import socket
 import sys
 import traceback
 import types
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import cloudpickle
 
@@ -41,6 +45,17 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: bytes. With ``max_payload`` for one payload, that bounds every message
 #: under `connection.MAX_MESSAGE`.
 BATCH_BYTES = 8 << 20
+
+#: A payload this large or larger travels out of band (`out_of_band`). Below
+#: it, copying it into the message's pickle costs less than a buffer of its own.
+OUT_OF_BAND = 64 << 10
+
+#: A job's arguments, result or exception, pickled: ``bytes``, or from
+#: `OUT_OF_BAND` bytes up a ``PickleBuffer`` over a writable buffer. Writable,
+#: because pickle hands the receiver of a writable one the very PickleBuffer
+#: the transport read it into, which the next hop sends out of band in turn;
+#: a read-only one would arrive as a memoryview, which does not pickle.
+Payload = Union[bytes, pickle.PickleBuffer]
 
 
 class Kick(enum.Enum):
@@ -73,7 +88,7 @@ class Submission(NamedTuple):
     """A job as the client sends it to the broker."""
     seq: int          # the client's own number for the job
     fn: bytes         # digest of the pickled function (sent alongside, once per batch)
-    payload: bytes    # pickled (args, kwargs), or a pickled list of argument tuples
+    payload: Payload  # pickled (args, kwargs), or a pickled list of argument tuples
     chunked: bool     # payload is a chunk: call fn(*a) for each a, return the list
     options: Options
 
@@ -82,7 +97,7 @@ class Task(NamedTuple):
     """A job as the broker hands it to a worker, and the worker to a child."""
     id: int
     fn: bytes
-    payload: bytes
+    payload: Payload
     chunked: bool
     timeout: float | None
     retry_on: bytes | None
@@ -162,7 +177,7 @@ class Outcome(NamedTuple):
     """How one attempt at a task ended, as the worker reports it."""
     id: int
     status: Status
-    payload: Any      # bytes for OK and ERROR, a Failure for LOST and TIMEOUT
+    payload: Any      # a Payload for OK and ERROR, a Failure for LOST and TIMEOUT
     retryable: bool = False   # ERROR: it matched retry_on; LOST: another attempt may help
 
 
@@ -209,6 +224,22 @@ class Delivery(NamedTuple):
     status: Status
     payload: Any
     attempts: int
+
+
+def out_of_band(pickled: bytes | bytearray) -> Payload:
+    """A pickle as it goes into a message (`Payload`): a bytearray from
+    `OUT_OF_BAND` bytes up, wrapped for the transport to send it out of band
+    as it is; anything else as bytes."""
+    if type(pickled) is bytearray and len(pickled) >= OUT_OF_BAND:
+        return pickle.PickleBuffer(pickled)
+    return bytes(pickled)
+
+
+def payload_size(payload: Any) -> int:
+    """How many bytes a payload holds (none, for a `Failure`)."""
+    if type(payload) is bytes:
+        return len(payload)
+    return payload.raw().nbytes if type(payload) is pickle.PickleBuffer else 0
 
 
 def batch_length(items: list, size: Callable[[Any], int]) -> int:
@@ -293,6 +324,16 @@ def dumps_noting(obj: Any) -> tuple[bytes, set[str]]:
     pickler = _Pickler(buffer, protocol=PROTOCOL)
     pickler.dump(obj)
     return buffer.getvalue(), pickler.modules
+
+
+def dumps_payload(obj: Any) -> tuple[bytearray, set[str]]:
+    """As `dumps_noting`, for a job's arguments or result: into a bytearray,
+    which travels out of band as it is (`out_of_band`). It costs what a
+    BytesIO does: the pickler writes its frames, and large ``bytes``, to it once."""
+    buffer = bytearray()
+    pickler = _Pickler(types.SimpleNamespace(write=buffer.extend), protocol=PROTOCOL)
+    pickler.dump(obj)
+    return buffer, pickler.modules
 
 
 _FUNCTION_MAGIC = b"MPQF"

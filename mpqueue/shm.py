@@ -42,7 +42,7 @@ def available() -> bool:
     return os.path.isdir(DIRECTORY) and os.access(DIRECTORY, os.W_OK)
 
 
-def write(data: bytes, tag: str, owner: int | None = None) -> bytes | None:
+def write(data: bytes | bytearray, tag: str, owner: int | None = None) -> bytes | None:
     """Store ``data``: the reference to send instead, or None if it cannot be
     stored (no room: the caller sends the bytes themselves). ``tag`` names
     whose it is (a client's session, a worker's id); ``owner`` is the
@@ -83,9 +83,10 @@ def shares(probe_path: str) -> bool:
     return bool(probe_path) and os.path.exists(probe_path)
 
 
-def path_of(payload: bytes) -> str | None:
-    """The file a payload refers to, or None for a payload of bytes."""
-    if not payload.startswith(_PREFIX):
+def path_of(payload: Any) -> str | None:
+    """The file a payload refers to, or None for a payload of bytes (a
+    reference is short ``bytes``: never a `protocol.Payload` out of band)."""
+    if type(payload) is not bytes or not payload.startswith(_PREFIX):
         return None
     return payload[len(_PREFIX):].decode()
 
@@ -107,6 +108,15 @@ def load(path: str) -> Any:
 def read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def mapped(path: str) -> pickle.PickleBuffer:
+    """A payload file's bytes, mapped rather than read: a `protocol.Payload`
+    the transport sends straight from the page cache. Mapped copy-on-write,
+    which copies nothing unless written, because a Payload is writable.
+    ValueError if the file is empty."""
+    with open(path, "rb") as f:
+        return pickle.PickleBuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
 
 
 def remove(path: str) -> None:

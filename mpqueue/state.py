@@ -53,6 +53,7 @@ from .protocol import (
     WorkerHello,
     WorkerWelcome,
     pack_exception,
+    payload_size,
 )
 
 log = logging.getLogger("mpqueue.broker")
@@ -659,7 +660,7 @@ class BrokerState:
             self._dirty.add(job.task.id)
             worker.held.add(job.task.id)
             tasks.append(job.task._replace(attempt=job.attempts))
-            size += len(job.task.payload)
+            size += payload_size(job.task.payload)
             if job.task.fn not in functions:
                 functions[job.task.fn] = self._functions[job.task.fn][0]
                 size += len(functions[job.task.fn])
@@ -827,8 +828,7 @@ class BrokerState:
             if len(batch) >= COLLECT_BATCH or size >= BATCH_BYTES:
                 break
             batch.append((number, delivery))
-            payload = delivery.payload
-            size += len(payload) if isinstance(payload, bytes) else 0
+            size += payload_size(delivery.payload)
         return batch
 
     def goodbye(self, session: str) -> None:

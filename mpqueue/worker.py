@@ -43,7 +43,7 @@ from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .handshake import VERSIONS
 from .pool import ProcessPool
-from .protocol import Task, WorkerHello, batch_length, unwrap_function
+from .protocol import Task, WorkerHello, batch_length, payload_size, unwrap_function
 from .shipping import Header, bundle_path, installed, store
 from .transport import Reconnecting, connect, reach_broker
 
@@ -549,4 +549,4 @@ def _drop_files(outcomes: list) -> None:
 
 def _size(outcome) -> int:
     """An outcome's payload bytes, for cutting reports into messages."""
-    return len(outcome.payload) if isinstance(outcome.payload, bytes) else 0
+    return payload_size(outcome.payload)

@@ -33,7 +33,7 @@ from mpqueue import local as wire
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VERSIONS = {"mpqueue": mpqueue.__version__, "python": "%d.%d" % sys.version_info[:2],
-            "cloudpickle": cloudpickle.__version__, "protocol": "2"}
+            "cloudpickle": cloudpickle.__version__, "protocol": "3"}
 REPO = Path(__file__).resolve().parent.parent
 #: An interpreter of another minor version, for the version handshake.
 OTHER_PYTHON = Path.home() / ".pyenv/versions" / (
@@ -136,7 +136,7 @@ def test_another_message_protocol_is_refused_at_either_end(cluster, monkeypatch)
     sock.close()
     assert verdict == {"refused": "version", **VERSIONS}
     line, = wait_for_log(cluster.broker, "version mismatch")
-    assert "(protocol 1)" in line and "(protocol 2)" in line
+    assert "(protocol 1)" in line and "(protocol 3)" in line
 
     # A broker that speaks the handshake but not this protocol: it says no versions.
     from mpqueue import VersionMismatch
