@@ -158,7 +158,12 @@ class Connection(connection.Connection):
         elif size + sum(sizes) > MAX_MESSAGE:
             why = f"a message over {MAX_MESSAGE} bytes"
         else:
-            message, *buffers = self._read_all((size, *sizes))
+            try:
+                message, *buffers = self._read_all((size, *sizes))
+            except OSError as e:    # the peer went, mid-message: a payload cut short
+                if self.peer is not None:
+                    broker_log.warning("closed the connection from %s: %s", self.peer, e)
+                raise
             try:
                 return pickle.loads(message, buffers=map(pickle.PickleBuffer, buffers))
             except Exception as e:
@@ -200,10 +205,12 @@ class Connection(connection.Connection):
         before they were."""
         buffers = [bytearray(size) for size in sizes]
         views = [memoryview(b) for b in buffers if b]
+        got = 0
         while views:
             n = self._read_into(views[:_IOV_MAX])
             if not n:
-                raise OSError("got end of file during message")
+                raise OSError(f"the connection ended {got:,} bytes into a message of {sum(sizes):,}")
+            got += n
             views = _advance(views, n)
         return buffers
 

@@ -405,7 +405,7 @@ def _unreachable(address: tuple[str, int], error: OSError | EOFError) -> BrokerU
     """Why the broker at ``address`` cannot be reached, with what to check."""
     host = address[0]
     reason = (error.strerror if isinstance(error, OSError) and error.strerror
-              else "the connection closed" if isinstance(error, EOFError) else type(error).__name__)
+              else "the connection closed" if isinstance(error, EOFError) else str(error) or type(error).__name__)
     hint = ""
     if isinstance(error, ConnectionRefusedError) and not is_loopback(host):
         hint = (f"; is a broker listening on {host}? `mpqueue broker` listens on 127.0.0.1 only, "
