@@ -28,7 +28,9 @@ W4 far    the client in w, with a ``/dev/shm`` of its own (not the worker's):
           the arguments cross the link twice, client -> broker -> worker.
 
 W4 is ``bench.py``'s: submit 100 jobs, each ``len`` of a distinct 1 MiB
-``bytes``, then wait for all; MB/s (10^6 bytes) of arguments. Before the
+``bytes``, then wait for all; MB/s (10^6 bytes) of arguments, and the CPU
+time the client, the broker and the worker (with its pool) spent on it:
+the copies a MiB costs on each hop show there. Before the
 first repetition, each client moves the same amount once, untimed (see
 ``bench.w4_bandwidth``). Traffic goes only between the namespaces' own
 addresses. Namespaces and processes are removed in ``finally``; without root
@@ -57,7 +59,7 @@ CEILING_PORT = 7411
 JOBS, SIZE = 100, 1 << 20
 
 # Runs in a namespace; each line on stdin is a command, each answer one line of JSON.
-#   w4                  W4 through the broker at argv[1]: {"mb_per_s": ...}
+#   w4                  W4 through the broker at argv[1]: {"mb_per_s": ..., "cpu_s": its own CPU time}
 #   socket HOST PORT    the ceiling's sending end: {"mb_per_s": ...}
 DRIVER = textwrap.dedent("""
     import json, os, socket, sys, time
@@ -70,12 +72,12 @@ DRIVER = textwrap.dedent("""
 
     def w4(client):
         args = blobs()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         futures = [client.submit(len, blob) for blob in args]
         results = [f.result(300) for f in futures]
         wall = time.perf_counter() - start
         assert results == [SIZE] * JOBS, results
-        return JOBS * SIZE / wall / 1e6
+        return {"mb_per_s": JOBS * SIZE / wall / 1e6, "cpu_s": time.process_time() - cpu}
 
     def send(host, port):
         args = blobs()
@@ -84,15 +86,14 @@ DRIVER = textwrap.dedent("""
             for blob in args:
                 s.sendall(blob)
             assert s.recv(1) == b"k"
-            return JOBS * SIZE / (time.perf_counter() - start) / 1e6
+            return {"mb_per_s": JOBS * SIZE / (time.perf_counter() - start) / 1e6}
 
     with Client(sys.argv[1]) as client:
         list(client.map(len, blobs()))      # the warm-up
         print("ready", flush=True)
         for line in sys.stdin:
             command, *args = line.split()
-            rate = w4(client) if command == "w4" else send(*args)
-            print(json.dumps({"mb_per_s": rate}), flush=True)
+            print(json.dumps(w4(client) if command == "w4" else send(*args)), flush=True)
 """)
 
 # The ceiling's receiving end: per connection, JOBS x SIZE into one buffer, then b"k".
@@ -186,10 +187,22 @@ def read_json(proc: subprocess.Popen) -> dict:
     return json.loads(line)
 
 
-def ask(proc: subprocess.Popen, command: str) -> float:
+def ask(proc: subprocess.Popen, command: str) -> dict:
     proc.stdin.write(command.encode() + b"\n")
     proc.stdin.flush()
-    return read_json(proc)["mb_per_s"]
+    return read_json(proc)
+
+
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """The CPU time of a process and its children (a worker's pool) so far."""
+    root = psutil.Process(proc.pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += sum(p.cpu_times()[:2])
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def expect_ready(proc: subprocess.Popen, what: str) -> None:
@@ -210,11 +223,12 @@ def wait_for_worker(net: Net, address: str, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
-def measure(net: Net, reps: int) -> dict[str, list[float]]:
+def measure(net: Net, reps: int) -> tuple[dict[str, list[float]], dict[str, list[dict]]]:
+    """MB/s of each run, and for W4 the CPU seconds each process spent."""
     broker = net.popen("br", [sys.executable, "-m", "mpqueue", "broker", "--host", ADDRESSES["br"], "--port", "0"],
                        stdout=subprocess.PIPE)
     address = broker.stdout.readline().decode().rsplit("listening on", 1)[1].split()[0]
-    net.popen("w", [sys.executable, "-m", "mpqueue", "worker", address, "--procs", "2"])
+    worker = net.popen("w", [sys.executable, "-m", "mpqueue", "worker", address, "--procs", "2"])
     wait_for_worker(net, address)
     receiver = net.popen("w", [sys.executable, "-c", RECEIVER, ADDRESSES["w"], str(JOBS), str(SIZE),
                                str(CEILING_PORT)], stdout=subprocess.PIPE)
@@ -225,15 +239,20 @@ def measure(net: Net, reps: int) -> dict[str, list[float]]:
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         expect_ready(clients[name], f"the client of {name}")
     figures: dict[str, list[float]] = {"ceiling": [], "W4 near": [], "W4 far": []}
+    cpu: dict[str, list[dict]] = {name: [] for name in clients}
     for rep in range(reps):
-        figures["ceiling"].append(ask(clients["W4 near"], f"socket {ADDRESSES['w']} {CEILING_PORT}"))
+        figures["ceiling"].append(ask(clients["W4 near"], f"socket {ADDRESSES['w']} {CEILING_PORT}")["mb_per_s"])
         for name, client in clients.items():
-            figures[name].append(ask(client, "w4"))
+            before = cpu_seconds(broker), cpu_seconds(worker)
+            answer = ask(client, "w4")
+            figures[name].append(answer["mb_per_s"])
+            cpu[name].append({"client": answer["cpu_s"], "broker": cpu_seconds(broker) - before[0],
+                              "worker": cpu_seconds(worker) - before[1]})
         print(f"rep {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in figures.items()), file=sys.stderr)
     for client in clients.values():
         client.stdin.close()
         client.wait(30)
-    return figures
+    return figures, cpu
 
 
 def main() -> int:
@@ -255,7 +274,7 @@ def main() -> int:
             print(f"skipped: cannot make the namespaces: `{' '.join(e.cmd)}` failed: {e.stderr.strip()}",
                   file=sys.stderr)
             return 0
-        figures = measure(net, args.reps)
+        figures, cpu = measure(net, args.reps)
     finally:
         net.close()
     ceiling = statistics.median(figures["ceiling"])
@@ -263,8 +282,12 @@ def main() -> int:
     for name, values in figures.items():
         runs = ", ".join(f"{v:,.0f}" for v in values)
         print(f"{name:10} {statistics.median(values):>12,.0f} {statistics.median(values) / ceiling:>10.2f}   {runs}")
+    print("CPU ms per W4 run (medians): " + "; ".join(
+        f"{name}: " + ", ".join(f"{role} {statistics.median(run[role] for run in runs) * 1e3:.0f}"
+                                for role in ("client", "broker", "worker"))
+        for name, runs in cpu.items()) + " (worker: with its pool)")
     if args.json:
-        print(json.dumps(figures))
+        print(json.dumps({"mb_per_s": figures, "cpu_s": cpu}))
     return 0
 
 
