@@ -170,7 +170,7 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
     SQLite file.
     """
     from .broker import Broker
-    from .connection import MAX_MESSAGE
+    from .connection import MAX_MESSAGE, keep_freed_memory
     from .journal import Journal
     from .protocol import BATCH_BYTES
     from .transport import BrokerServer
@@ -183,6 +183,7 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
     if settings.max_payload > ceiling:
         raise ConfigError(f"MPQUEUE_MAX_PAYLOAD={settings.max_payload:.0f} is over the most this "
                           f"broker can carry in one message or store in its journal ({ceiling} bytes)")
+    keep_freed_memory()
     broker = Broker(settings, Journal(journal) if journal else None)
     server = BrokerServer(broker, address, authkey)
     server.start()
@@ -233,7 +234,10 @@ def worker(address: str | None, procs: int | None, max_tasks_per_child: int | No
     sys.path.insert(0, os.getcwd())
     _start_forkserver()
     from .cluster import usable_cpus
+    from .connection import keep_freed_memory
     from .worker import Worker
+
+    keep_freed_memory()
 
     if procs is None:
         procs = usable_cpus()
