@@ -374,3 +374,23 @@ def test_large_arguments_sent_as_bytes_go_to_a_side_file_too(tmp_path):
     assert side_files(Path(path)) != []         # not before the commit
     journal.commit()
     assert side_files(Path(path)) == []
+
+
+def reversed_bytes(data: bytes) -> bytes:
+    return data[::-1]
+
+
+def test_payloads_out_of_band_are_journaled_as_the_bytes_that_came(durable):
+    """Arguments and results of 64 KiB to 1 MiB travel out of band (under
+    the threshold of shared memory): the journal stores the argument's pickle
+    as it arrived, and a restarted broker hands it on."""
+    client = durable.client()
+    blobs = [bytes([i]) * (200 << 10) for i in range(3)]
+    futures = [client.submit(reversed_bytes, blob) for blob in blobs]
+    durable.wait_for(lambda s: s["queued"] == 3, "the jobs to reach the broker")
+    with sqlite3.connect(durable.journal) as db:
+        stored = [payload for payload, in db.execute("SELECT payload FROM jobs ORDER BY id")]
+    assert [cloudpickle.loads(payload) for payload in stored] == [((blob,), {}) for blob in blobs]
+    restart_broker(durable, durable.journal)
+    durable.start_worker(2)
+    assert [f.result(60) for f in futures] == [blob[::-1] for blob in blobs]
