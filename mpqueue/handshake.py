@@ -19,7 +19,8 @@ a 4-byte length and JSON (nothing is unpickled before it succeeds)::
 (hello and challenge: the exact bytes of those two messages.) Without TLS, a
 peer sends its hello at once too; a TLS broker answers a plain one with
 {"refused": "tls"}. After the handshake, messages are multiprocessing's
-(length-prefixed pickles of the manager protocol), through `connection.Connection`.
+(length-prefixed pickles of the manager protocol), through `connection.Connection`,
+whose own frame carries large payloads beside the pickle.
 
 **The local socket.** To a peer that connected from the broker's own host (a
 loopback address, or the address it was reached at), the broker's "ok" also

@@ -290,6 +290,8 @@ def test_tls_end_to_end(tls_broker, pki, monkeypatch):
     tls_broker.start_worker(1)                           # the variables, for worker and status
     offset = 1
     assert tls_broker.client().submit(lambda x: x + offset, 1).result(10) == 2
+    blob = os.urandom(300 << 10)        # out of band both ways, in TLS records
+    assert tls_broker.client().submit(lambda b: b[::-1], blob).result(10) == blob[::-1]
     result = tls_broker.run("status", tls_broker.address, "--json", *tls_args(pki, "member"),
                             env=NO_TLS_ENV)                 # the options
     assert result.returncode == 0, result.stderr
