@@ -47,7 +47,7 @@ from typing import Any, Iterable
 
 from . import shm
 from .errors import ConfigError
-from .protocol import Delivery, Failure, Options, Status
+from .protocol import Delivery, Failure, Options, Payload, Status
 
 SCHEMA_VERSION = 1
 
@@ -217,7 +217,7 @@ class Journal:
                    (session, max_seq, max_seq))
         db.execute("UPDATE meta SET value = ? WHERE key = 'next_id'", (next_id,))
 
-    def _inline(self, payload: bytes) -> bytes:
+    def _inline(self, payload: Payload) -> Payload:
         """The bytes themselves, for a payload a process left in shared memory
         (`shm`): the journal outlives the file, which is noted, for a restart
         to remove (`inlined_removed`). A file gone already stays a reference:
@@ -232,15 +232,15 @@ class Journal:
         self._db.execute("INSERT OR IGNORE INTO inlined VALUES (?)", (path,))
         return data
 
-    def _arguments(self, job_id: int, payload: bytes) -> bytes:
+    def _arguments(self, job_id: int, payload: Payload) -> Payload:
         """What the journal stores of a job's arguments: those of `shm.THRESHOLD`
         bytes or more go to a side file (`_SIDE`, the row keeps its size), the
         rest, and any the side file fails for, into the row. A file of `shm`
         the side file copies is noted, as in `_inline`; one gone already stays
         a reference: the job fails saying so."""
         path = shm.path_of(payload)
-        if path is None and len(payload) < shm.THRESHOLD:
-            return payload
+        if path is None and memoryview(payload).nbytes < shm.THRESHOLD:
+            return payload      # bytes, or a buffer that came out of band: SQLite takes either
         side = os.path.join(self._side_dir, str(job_id))
         try:
             fd = os.open(side, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -364,12 +364,13 @@ def _copy(path: str, fd: int) -> int:
     return size
 
 
-def _write(fd: int, data: bytes) -> int:
+def _write(fd: int, data: Payload) -> int:
     """Write all of ``data`` to ``fd``; how many bytes."""
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
+    size = view.nbytes
     while view:
         view = view[os.write(fd, view):]
-    return len(data)
+    return size
 
 
 @functools.lru_cache(maxsize=64)
