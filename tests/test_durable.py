@@ -9,6 +9,7 @@ every future must have its result.
 from __future__ import annotations
 
 import json
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -359,14 +360,17 @@ def test_a_job_whose_side_file_is_lost_fails_saying_so_and_the_rest_run(durable,
     assert side_files(durable.journal) == []
 
 
-def test_large_arguments_sent_as_bytes_go_to_a_side_file_too(tmp_path):
-    """As a client on another host sends them (no /dev/shm file): the row
-    keeps their size, the side file the bytes, until the job is over."""
+@pytest.mark.parametrize("wrap", [bytes, lambda data: pickle.PickleBuffer(bytearray(data))],
+                         ids=["bytes", "out-of-band"])
+def test_large_arguments_sent_as_bytes_go_to_a_side_file_too(tmp_path, wrap):
+    """As a client on another host sends them (no /dev/shm file; the
+    transport hands over a buffer that came out of band): the row keeps
+    their size, the side file the bytes, until the job is over."""
     path = str(tmp_path / "journal.db")
     journal = Journal(path)
     big = b"x" * (1 << 20)
-    journal.submitted("c", 2, 3, [(1, 1, b"fn", big, False, Options()), (2, 2, b"fn", b"small", False, Options())],
-                      {b"fn": b"f"})
+    journal.submitted("c", 2, 3, [(1, 1, b"fn", wrap(big), False, Options()),
+                                  (2, 2, b"fn", b"small", False, Options())], {b"fn": b"f"})
     journal.commit()
     assert side_files(Path(path)) == [tmp_path / "journal.db-payloads" / "1"]
     assert [job[4] for job in journal.load()["jobs"]] == [big, b"small"]
