@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 import uuid
@@ -254,7 +255,7 @@ class Broker:
         """Remove shared-memory payload files of this host that no job here
         refers to and whose writer died (`shm.sweep`). Called by the main
         thread at start and then every few seconds."""
-        candidates = shm.orphans()     # most often none: then the jobs need no look
+        candidates = shm.orphans(os.getpid())     # most often none: then the jobs need no look
         if not candidates:
             return
         with self._lock:

@@ -379,7 +379,7 @@ class Client(_Submitter, concurrent.futures.Executor):
             reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
             self._max_payload: int = reply.max_payload
             # Where the broker's /dev/shm is ours too, large arguments go through it (`shm`).
-            self._shm = shm.shares(reply.shm_probe)
+            self._shm = self._shm_tag(reply.shm_probe)
         except BaseException:
             if self._cluster is not None:
                 self._cluster.stop()
@@ -409,8 +409,8 @@ class Client(_Submitter, concurrent.futures.Executor):
         error = too_large("the job's function and arguments pickle", len(blob) + len(pickled), self._max_payload)
         if error is not None:
             raise error
-        if self._shm and len(pickled) >= shm.THRESHOLD:
-            pickled = shm.write(pickled, self.session) or pickled     # on the broker's host: no socket
+        if self._shm is not None and len(pickled) >= shm.THRESHOLD:
+            pickled = shm.write(pickled, self._shm) or pickled     # on the broker's host: no socket
         payload = out_of_band(pickled)
         if self._slots is not None:
             self._take_slot()
@@ -775,7 +775,7 @@ class Client(_Submitter, concurrent.futures.Executor):
         reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__, True, tuple(pending)))
         where = format_address(self.address)
         if reply.known:
-            self._max_payload, self._shm = reply.max_payload, shm.shares(reply.shm_probe)
+            self._max_payload, self._shm = reply.max_payload, self._shm_tag(reply.shm_probe)
             if reply.missing:
                 self._lose(reply.missing, BrokerUnavailable(
                     f"the broker at {where} came back without this job (its journal lost it)"))
@@ -790,8 +790,13 @@ class Client(_Submitter, concurrent.futures.Executor):
             raise error
         # Nothing was lost: carry on with this broker, numbering results afresh.
         reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
-        self._max_payload, self._shm = reply.max_payload, shm.shares(reply.shm_probe)
+        self._max_payload, self._shm = reply.max_payload, self._shm_tag(reply.shm_probe)
         self._ack = self._acked = 0
+
+    def _shm_tag(self, probe: str) -> str | None:
+        """What our large arguments' files are named with (`shm.tag`) where we
+        see the broker's /dev/shm; else None."""
+        return shm.tag(self.session, probe) if shm.shares(probe) else None
 
     def _lose(self, seqs: list[int], error: BaseException) -> None:
         with self._lock:

@@ -11,16 +11,21 @@ host, and the broker holds none of it in memory.
 
 Who removes a file: the broker, when nobody needs it any more (the job
 forgotten: finished, withdrawn, its client gone; the result acknowledged,
-expired, or without a client). A file that no job or result of a live
-broker refers to, and whose owner (the process that holds the reference
-until the broker has it) has died, is removed by any broker on the host
-when it sweeps (`sweep`, at its start and then every few seconds): so
-nothing stays in ``/dev/shm`` after a ``kill -9`` of any process, once a
-broker runs on the host. A broker with a journal copies the bytes into it
-(durability first), and removes those files when it starts again from it.
+expired, or without a client). A file whose owner (the process that holds
+the reference until the broker has it) has died, and that no job or result
+of its broker refers to, is removed by that broker when it sweeps (`sweep`,
+at its start and then every few seconds), or by any broker on the host once
+its own broker has died too: so nothing stays in ``/dev/shm`` after a
+``kill -9`` of any process, once a broker runs on the host, and no broker
+removes a file another live broker may still hand on (two brokers on one
+host: the result of a worker that has left, waiting for its client). A
+broker with a journal copies the bytes into it (durability first), and
+removes those files when it starts again from it.
 
-File names: ``mpqueue-TAG-OWNER-WRITER.N``: TAG the first 12 characters of
-the client's session or the worker's id, OWNER and WRITER process ids.
+File names: ``mpqueue-NAME-BROKER-OWNER-WRITER.N``: NAME the first 12
+characters of the client's session or the worker's id, then process ids:
+the broker's (from its probe file: `tag`), the owner's, the writer's. A
+broker's probe file is ``mpqueue-RANDOM-BROKER-BROKER.probe``.
 """
 from __future__ import annotations
 
@@ -42,14 +47,20 @@ def available() -> bool:
     return os.path.isdir(DIRECTORY) and os.access(DIRECTORY, os.W_OK)
 
 
+def tag(name: str, probe_path: str) -> str:
+    """What `write` names files with: whose they are (a client's session, a
+    worker's id) and which broker's (the one whose `probe` this is)."""
+    pids = _pids(os.path.basename(probe_path))
+    return f"{name[:12]}-{pids[1] if pids else 0}"
+
+
 def write(data: bytes | bytearray, tag: str, owner: int | None = None) -> bytes | None:
     """Store ``data``: the reference to send instead, or None if it cannot be
-    stored (no room: the caller sends the bytes themselves). ``tag`` names
-    whose it is (a client's session, a worker's id); ``owner`` is the
-    process that holds the reference until a broker has it (the writer by
-    default; a job's process writes for its worker)."""
+    stored (no room: the caller sends the bytes themselves). ``tag`` is from
+    `tag`; ``owner`` is the process that holds the reference until a broker
+    has it (the writer by default; a job's process writes for its worker)."""
     owner = os.getpid() if owner is None else owner
-    path = os.path.join(DIRECTORY, f"mpqueue-{tag[:12]}-{owner}-{os.getpid()}.{next(_counter)}")
+    path = os.path.join(DIRECTORY, f"mpqueue-{tag}-{owner}-{os.getpid()}.{next(_counter)}")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:
@@ -126,29 +137,37 @@ def remove(path: str) -> None:
         pass
 
 
-def orphans() -> list[str]:
-    """The payload files on this host whose owner has died: candidates for
-    removal, unless a broker's job or result still refers to one (`sweep`).
-    A live owner's file may be on its way to a broker: it stays."""
+def orphans(broker: int) -> list[str]:
+    """The payload files on this host whose owner has died, and that are the
+    ``broker``'s (a pid) or a dead broker's: candidates for removal, unless
+    one of the broker's jobs or results still refers to one (`sweep`). A
+    live owner's file may be on its way to a broker, and another live
+    broker's may be what it still hands on: they stay."""
     try:
         names = os.listdir(DIRECTORY)
     except OSError:
         return []
     return [os.path.join(DIRECTORY, name) for name in names
-            if (owner := _owner(name)) is not None and not _alive(owner)]
+            if (pids := _pids(name)) is not None and not _alive(pids[0])
+            and (pids[1] == broker or not _alive(pids[1]))]
 
 
 def is_payload_file(path: str) -> bool:
     """Whether ``path`` names a payload file (`write`, `probe`): what a
     broker agrees to read for a process that cannot (`Broker.payload`)."""
-    return os.path.dirname(path) == DIRECTORY and _owner(os.path.basename(path)) is not None
+    return os.path.dirname(path) == DIRECTORY and _pids(os.path.basename(path)) is not None
 
 
-def _owner(name: str) -> int | None:
-    """The owner's pid in a payload file's name, None for another file."""
+def _pids(name: str) -> tuple[int, int] | None:
+    """(owner, broker) of a payload or probe file by its name, None for
+    another file."""
     parts = name.split("-")
-    if len(parts) == 4 and parts[0] == "mpqueue" and parts[2].isdigit():
-        return int(parts[2])
+    if parts[0] != "mpqueue" or not all(p.isdigit() for p in parts[2:-1]):
+        return None
+    if len(parts) == 5 and parts[4].partition(".")[0].isdigit():
+        return int(parts[3]), int(parts[2])
+    if len(parts) == 4 and parts[3].endswith(".probe"):
+        return int(parts[2]), int(parts[2])
     return None
 
 

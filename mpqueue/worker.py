@@ -310,7 +310,7 @@ class Worker:
         self._heartbeat = reply.heartbeat_interval     # the broker's timeout is what counts
         self._max_payload = reply.max_payload
         # Where the broker's /dev/shm is ours too, large results go through it (`shm`).
-        self._shm_tag = self.id if shm.shares(reply.shm_probe) else None
+        self._shm_tag = shm.tag(self.id, reply.shm_probe) if shm.shares(reply.shm_probe) else None
         with self._lock:
             # A different broker than before (restarted without its journal):
             # the job ids we hold mean nothing to it, or another job.

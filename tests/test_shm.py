@@ -24,7 +24,8 @@ BIG = 2 << 20
 
 def ours(pids) -> list[str]:
     """The payload files written by these processes."""
-    return [p for p in glob.glob(os.path.join(shm.DIRECTORY, "mpqueue-*")) if int(p.split("-")[2]) in pids]
+    return [p for p in glob.glob(os.path.join(shm.DIRECTORY, "mpqueue-*"))
+            if (owner := shm._pids(os.path.basename(p))) is not None and owner[0] in pids]
 
 
 def produce(size: int) -> bytes:
@@ -39,7 +40,7 @@ def describe(data: bytes, seconds: float = 0) -> tuple[int, bytes]:
 def test_a_big_argument_goes_through_shared_memory_and_its_file_goes_with_its_job(cluster):
     cluster.start_worker(2)
     client = cluster.client()
-    assert client._shm     # on the broker's host: its local socket
+    assert client._shm is not None     # on the broker's host: its local socket
     blobs = [os.urandom(BIG) for _ in range(4)]
     futures = [client.submit(describe, b, 1.0) for b in blobs]
     eventually(lambda: len(ours({os.getpid()})) == 4, "the four payload files")
@@ -126,7 +127,7 @@ from mpqueue import Client
 def echo_size(data):
     return os.urandom(len(data) + 1)
 with Client(sys.argv[1]) as c:
-    print("shm", c._shm)
+    print("shm", c._shm is not None)
     print(len(c.submit(echo_size, os.urandom(2 << 20)).result(60)))
 """
 
@@ -163,7 +164,7 @@ from mpqueue import Client
 def echo_size(data):
     return os.urandom(len(data) + 1)
 with Client() as c:
-    print("shm", c._shm)
+    print("shm", c._shm is not None)
     print(len(c.submit(echo_size, os.urandom(3 << 20)).result(60)))
     print(os.listdir("/dev/shm") == [n for n in os.listdir("/dev/shm") if n.endswith(".probe")])
 """
@@ -190,3 +191,26 @@ def test_arguments_whose_file_is_gone_fail_their_job_saying_so(cluster):
     cluster.start_worker(1)
     with pytest.raises(FileNotFoundError, match="the job's arguments in .* are gone"):
         future.result(30)
+
+
+def test_a_broker_sweeps_only_its_own_files_and_those_of_a_dead_broker():
+    """Two brokers on one host: a result file whose writer is gone (its
+    worker left) but that a live broker still hands on is not another
+    broker's to remove; once that broker is gone too, any broker removes it."""
+    other_broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_owner.wait()
+    probe = os.path.join(shm.DIRECTORY, f"mpqueue-0123456789ab-{other_broker.pid}-{other_broker.pid}.probe")
+    reference = shm.write(b"a result", shm.tag("worker123456", probe), owner=dead_owner.pid)
+    assert reference is not None
+    path = shm.path_of(reference)
+    try:
+        assert path not in shm.orphans(os.getpid())             # another live broker's
+        assert path in shm.orphans(other_broker.pid)            # its own broker's, owner dead
+        other_broker.kill()
+        other_broker.wait()
+        assert path in shm.orphans(os.getpid())                 # its broker died too
+    finally:
+        other_broker.kill()
+        other_broker.wait()
+        shm.remove(path)
