@@ -34,6 +34,7 @@ from typing import Any
 
 from . import shm
 from .config import SETTINGS, Settings
+from .history import KEEP
 from .journal import Journal
 from .protocol import (
     ClientHello,
@@ -112,12 +113,13 @@ class Broker:
     commits its changes before it returns, and the state it holds is loaded
     back at start."""
 
-    def __init__(self, settings: Settings = SETTINGS, journal: Journal | None = None):
+    def __init__(self, settings: Settings = SETTINGS, journal: Journal | None = None, history: int = KEEP):
         self.settings = settings
         self._journal = journal
         self.shutdown_event = threading.Event()
         self._state = BrokerState(settings, broker_id=uuid.uuid4().hex, first_id=_first_id(),
-                                  durable=journal is not None, closing=self.shutdown_event.is_set)
+                                  durable=journal is not None, closing=self.shutdown_event.is_set,
+                                  history=history, epoch=time.time() - time.monotonic())
         self._lock = threading.Lock()
         self._timer = threading.Condition(self._lock)     # the timer thread waits here
         self._timer_at: float | None = None               # when it wakes next
@@ -132,8 +134,8 @@ class Broker:
             for path in stored["inlined"]:      # the jobs' arguments are in the journal now
                 shm.remove(path)
             journal.inlined_removed()
-            log.info("journal %s: %d jobs queued again, %d results waiting for %d clients",
-                     journal.path, *counts)
+            log.info("journal %s: %d jobs queued again, %d results waiting for %d clients, %d finished jobs' history",
+                     journal.path, *counts, len(self._state.history))
             for error in stored["lost"].values():
                 log.error("journal %s: a job failed: %s", journal.path, error)
         self._closed = False
@@ -309,7 +311,7 @@ class Broker:
     def goodbye(self, session: str, *, caller: Caller | None = None) -> None:
         """A client leaves: its queued jobs are dropped and its results discarded."""
         with self._changing() as state:
-            state.goodbye(session)
+            state.goodbye(session, time.monotonic())
 
     # -- shared objects (`mpqueue.shared`) ---------------------------------------
 
@@ -343,7 +345,7 @@ class Broker:
         For jobs workers hold, wait for their answers (`BrokerState.awaiting`)."""
         with self._changing() as state:
             self._bind(caller, session, state)
-            verdicts = state.cancel(session, seqs, force)
+            verdicts = state.cancel(session, seqs, force, time.monotonic())
             if not isinstance(verdicts, PendingCancel):
                 return verdicts
             pending = verdicts
@@ -352,7 +354,7 @@ class Broker:
                 while state.awaiting(pending):
                     self._answered.wait()
             finally:
-                verdicts = state.conclude(pending)
+                verdicts = state.conclude(pending, time.monotonic())
             return verdicts
 
     def control(self, session: str, wait: float, answers: dict[int, bool], *,
@@ -424,6 +426,12 @@ class Broker:
             ctypes.CDLL(None).malloc_trim(0)    # glibc's; elsewhere there is nothing to do
         except (OSError, AttributeError):
             pass
+
+    def jobs(self, limit: int = 20, failed: bool = False, running: bool = False, job_id: int | None = None, *,
+             caller: Caller | None = None) -> list[dict]:
+        """Jobs for `mpqueue jobs`: see `BrokerState.jobs`."""
+        with self._lock:
+            return self._state.jobs(time.monotonic(), limit, failed, running, job_id)
 
     def status(self, *, caller: Caller | None = None) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""

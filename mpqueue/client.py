@@ -63,7 +63,7 @@ from .protocol import (
     unpack_exception,
     wrap_function,
 )
-from .shipping import Bundle, Shipper
+from .shipping import Bundle, Shipper, function_name
 from .transport import Reconnecting, connect
 
 log = logging.getLogger("mpqueue.client")
@@ -123,7 +123,7 @@ class _FunctionCache:
                 ref = functools.partial(_same, fn)
             entry = (ref, pickled, frozenset(named), {})
         header, bundle = self._shipper.header(entry[2] | modules)
-        blob = wrap_function(header.as_dict(), entry[1])
+        blob = wrap_function(header._replace(name=function_name(fn)).as_dict(), entry[1])
         found = entry[3][modules] = (digest(blob), blob, bundle)
         with self._lock:
             self._entries[id(fn)] = entry

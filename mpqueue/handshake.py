@@ -69,7 +69,9 @@ _TLS_RECORD = b"\x16"       # the first byte a TLS client sends (a handshake rec
 
 #: The format of the messages and broker methods after the handshake: it
 #: changes when one changes in a way an older peer would misread (2: the
-#: shipped code and shared objects; 3: large payloads out of band).
+#: shipped code and shared objects; 3: large payloads out of band, and a
+#: worker's outcomes carry the pid, times and exception text of each
+#: attempt, for the jobs' history).
 PROTOCOL = "3"
 
 #: What a process tells the broker about itself when it connects, and the

@@ -13,7 +13,9 @@ delivered:
 * results wait for their client, under the numbers it acknowledges them by;
 * each client's highest job number, so that a batch a client sends again
   after a reconnect is not queued twice, and its last result's number, so
-  that numbering goes on where the acknowledgements it holds left off.
+  that numbering goes on where the acknowledgements it holds left off;
+* the story of the last finished jobs (`history`), for `mpqueue jobs`:
+  one row each, written with the call that finished them.
 
 Commits use ``synchronous=NORMAL``: they survive the broker process dying
 (``kill -9``, a crash), not the machine losing power. The file is never
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
 import pickle
 import sqlite3
@@ -47,6 +50,7 @@ from typing import Any, Iterable
 
 from . import shm
 from .errors import ConfigError
+from .history import Record
 from .protocol import Delivery, Failure, Options, Payload, Status
 
 SCHEMA_VERSION = 1
@@ -61,6 +65,7 @@ CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS history (n INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL, last_number INTEGER NOT NULL);
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
@@ -121,6 +126,7 @@ class Journal:
                 self._db.execute("CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL)")
                 self._db.execute("CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
                 self._db.execute("CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS history (n INTEGER PRIMARY KEY, record TEXT NOT NULL)")
                 (check,), = self._db.execute("PRAGMA quick_check").fetchall()
                 if check != "ok":
                     raise ConfigError(f"journal {path} is damaged: {check}")
@@ -128,6 +134,7 @@ class Journal:
             raise ConfigError(f"cannot use journal {path}: {e}") from None
         except OSError as e:
             raise ConfigError(f"cannot open journal {path}: {e.strerror or e}") from None
+        self._unpruned = 0      # history rows written since the table was last cut down to size
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -140,7 +147,8 @@ class Journal:
         ``code`` {digest: zip}, ``shared`` {name: `SharedObjects.snapshot`}, ``inlined``
         (the shared-memory files whose bytes it took: `_inline`),
         ``clients`` {session: (max_seq, last_number)}, ``jobs`` (rows in id order),
-        ``results`` (client, number, Delivery, created) in number order, and
+        ``results`` (client, number, Delivery, created) in number order,
+        ``history`` (`Record` s of finished jobs, oldest first), and
         ``lost`` {job id: the error it fails with}: the jobs whose side file
         is gone or damaged (`_side`). Side files no job names are removed."""
         try:
@@ -167,8 +175,10 @@ class Journal:
                 "jobs": jobs,
                 "results": results,
                 "lost": lost,
+                "history": [Record.from_dict(json.loads(text)) for text,
+                            in self._db.execute("SELECT record FROM history ORDER BY n")],
             }
-        except (sqlite3.Error, pickle.UnpicklingError, TypeError, ValueError, OSError) as e:
+        except (sqlite3.Error, pickle.UnpicklingError, TypeError, ValueError, KeyError, OSError) as e:
             raise ConfigError(f"cannot read journal {self.path}: {e}") from None
 
     def _side(self, job_id: int, stored: bytes, lost: dict[int, OSError]) -> bytes:
@@ -265,6 +275,16 @@ class Journal:
         """Jobs' (attempts, deaths, id): leased, or given back."""
         self._flush()
         self._db.executemany("UPDATE jobs SET attempts = ?, deaths = ? WHERE id = ?", rows)
+
+    def history(self, records: list[Record], keep: int) -> None:
+        """Finished jobs' stories; the table keeps about the last ``keep``
+        (cut down once a tenth more have been written, not at every call)."""
+        self._db.executemany("INSERT INTO history (record) VALUES (?)",
+                             [(json.dumps(r.as_dict()),) for r in records])
+        self._unpruned += len(records)
+        if self._unpruned > max(100, keep // 10):
+            self._unpruned = 0
+            self._db.execute("DELETE FROM history WHERE n <= (SELECT MAX(n) FROM history) - ?", (keep,))
 
     def forgotten(self, job_id: int) -> None:
         """A job is over: finished, cancelled, or its client gone (its row is

@@ -3,7 +3,7 @@
 ::
 
     worker main thread ──[Task…], {digest: function}──▶ child pipe ──▶ child: fn(*args)…
-                       ◀──[(id, Status, bytes, retryable)…], seconds──────┘
+                       ◀──[(id, Status, bytes, retryable, started, ended, Raised)…], seconds──┘
                        ◀── process sentinel ready: the child died ──▶ replace it
 
 ``multiprocessing.Pool`` hangs forever when a child is killed, and
@@ -50,6 +50,7 @@ from .protocol import (
     Failure,
     Outcome,
     Payload,
+    Raised,
     Status,
     Task,
     Warned,
@@ -83,7 +84,8 @@ class Child:
         theirs.close()
         self.pid = self.process.pid
         self.batch: list[Item] = []
-        self.started = 0.0
+        self.started = 0.0                  # monotonic, for its deadline
+        self.began = 0.0                    # the wall clock's time then, for the job's history
         self.jobs = 0                       # jobs finished in this child
         self.ending: Outcome | None = None  # what to report when it dies: we killed it
         self.kill_at: float | None = None   # SIGKILL if still alive then
@@ -94,6 +96,7 @@ class Child:
         a large result goes through shared memory (`shm`)."""
         self.batch = batch
         self.started = time.monotonic()
+        self.began = time.time()
         try:
             self.conn.send(([task for task, _ in batch], {task.fn: blob for task, blob in batch}, max_payload,
                             shm_tag))
@@ -224,8 +227,9 @@ class ProcessPool:
                     continue
                 except (EOFError, OSError):
                     continue    # it died; its sentinel tells the rest
-                outcomes.extend(Outcome(i, Status(status), payload, retryable)
-                                for i, status, payload, retryable in results)
+                pid = child.pid
+                outcomes.extend(Outcome(i, Status(status), payload, retryable, pid, started, ended, raised)
+                                for i, status, payload, retryable, started, ended, raised in results)
                 self._finished(child, seconds)
             child = by_sentinel.get(ready_one)
             if child is not None:
@@ -283,14 +287,18 @@ class ProcessPool:
         self.children[self.children.index(child)] = Child(self._ctx, self.link)
         if not child.batch:
             return [], []
+        ended = time.time()
         if child.task is not None:      # it ran one job: that job is the one
-            return [child.ending or Outcome(child.task.id, Status.LOST,
-                                            Failure.died(child.pid, child.process.exitcode), True)], []
+            outcome = child.ending or Outcome(child.task.id, Status.LOST,
+                                              Failure.died(child.pid, child.process.exitcode), True)
+            return [outcome._replace(pid=child.pid, started=child.began, ended=ended)], []
         # A batch: no telling which job did it. Each runs again, alone, and is
         # charged only if it does it again; a job we withdrew stays withdrawn.
         ending = child.ending if child.ending and child.ending.status is Status.CANCELLED else None
         rerun = [item for item in child.batch if ending is None or item[0].id != ending.id]
-        return ([ending] if ending else []), rerun
+        if ending is None:
+            return [], rerun
+        return [ending._replace(pid=child.pid, started=child.began, ended=ended)], rerun
 
     def kill_busy(self) -> None:
         """Cold stop: kill the children running jobs, without replacing them."""
@@ -379,8 +387,9 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
         results = []
         began = time.perf_counter()
         for task in tasks:
-            status, payload, retryable = _execute(task, blobs[task.fn], functions, max_payload, shm_tag)
-            results.append((task.id, int(status), payload, retryable))
+            started = time.time()
+            status, payload, retryable, raised = _execute(task, blobs[task.fn], functions, max_payload, shm_tag)
+            results.append((task.id, int(status), payload, retryable, started, time.time(), raised))
         try:
             conn.send((results, time.perf_counter() - began))
         except OSError:
@@ -388,7 +397,9 @@ def _child_main(sock: socket.socket, link: tuple | None = None) -> None:
 
 
 def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int,
-             shm_tag: str | None = None) -> tuple[Status, Payload, bool]:
+             shm_tag: str | None = None) -> tuple[Status, Payload, bool, Raised | None]:
+    """Run one job: its status, payload, whether it may be retried, and what
+    it raised as text (`Raised`), for the broker's history."""
     shared._job = (task.id, task.attempt)
     try:
         fn, warning = _function(task.fn, blob, functions)
@@ -398,24 +409,29 @@ def _execute(task: Task, blob: bytes, functions: OrderedDict, max_payload: int,
         else:
             result = fn(*args[0], **args[1])
     except EnvironmentMismatch as exc:
-        return Status.ERROR, pack_exception(exc, task.attempt), False   # running it again changes nothing
+        return _failed(exc, task, False)    # running it again changes nothing
     except BaseException as exc:
-        return Status.ERROR, pack_exception(exc, task.attempt), _retryable(exc, task.retry_on)
+        return _failed(exc, task, _retryable(exc, task.retry_on))
     del args
     try:
         pickled: bytes | bytearray = dumps_payload(result if warning is None else Warned(result, warning))[0]
     except BaseException as exc:
         err = pickle.PicklingError(f"cannot pickle the result of the job: {exc}")
         err.__cause__ = exc
-        return Status.ERROR, pack_exception(err, task.attempt), False
+        return _failed(err, task, False)
     del result
     error = too_large("the job's result pickles", len(pickled), max_payload)
     if error is not None:
-        return Status.ERROR, pack_exception(error, task.attempt), False
+        return _failed(error, task, False)
     if shm_tag is not None and len(pickled) >= shm.THRESHOLD:
         # Held by the worker until the broker has it: the worker is its owner.
         pickled = shm.write(pickled, shm_tag, owner=os.getppid()) or pickled
-    return Status.OK, out_of_band(pickled), False
+    return Status.OK, out_of_band(pickled), False, None
+
+
+def _failed(exc: BaseException, task: Task, retryable: bool) -> tuple[Status, Payload, bool, Raised]:
+    packed, raised = pack_exception(exc, task.attempt)
+    return Status.ERROR, packed, retryable, raised
 
 
 def _retryable(exc: BaseException, retry_on: bytes | None) -> bool:

@@ -120,6 +120,8 @@ class Failure(NamedTuple):
     reason: str = ""                # LOST: what happened, as a clause
     timeout: float | None = None    # TIMEOUT: the limit it ran past
     attempt: int | None = None      # TIMEOUT: the attempt killed
+    rss: int | None = None          # LOST for memory: the bytes of RSS seen
+    limit: int | None = None        # LOST for memory: the worker's --max-memory-per-child
 
     @classmethod
     def died(cls, pid: int | None, exitcode: int | None) -> "Failure":
@@ -136,7 +138,7 @@ class Failure(NamedTuple):
         """The worker killed the process for growing past --max-memory-per-child."""
         return cls(pid, _host(), -9, "SIGKILL",
                    f"the process running the job grew to {rss >> 20} MiB, past the "
-                   f"worker's --max-memory-per-child of {limit >> 20} MiB")
+                   f"worker's --max-memory-per-child of {limit >> 20} MiB", rss=rss, limit=limit)
 
     @classmethod
     def timed_out(cls, pid: int | None, timeout: float, attempt: int) -> "Failure":
@@ -156,7 +158,8 @@ class Failure(NamedTuple):
         """One stored as a dict, by this version or an older one (which had
         fewer keys: pid, host, exitcode, signal, reason or timeout)."""
         return cls(info.get("pid"), info.get("host", ""), info.get("exitcode"), info.get("signal"),
-                   info.get("reason", ""), info.get("timeout"), info.get("attempt"))
+                   info.get("reason", ""), info.get("timeout"), info.get("attempt"), info.get("rss"),
+                   info.get("limit"))
 
 
 def signal_name(exitcode: int | None) -> str | None:
@@ -173,12 +176,28 @@ def _host() -> str:
     return os.uname().nodename
 
 
+class Raised(NamedTuple):
+    """What a job raised, as plain text: the broker keeps it in the job's
+    history (`history`) without unpickling the exception."""
+    type: str           # module-qualified: "builtins.ValueError"
+    message: str
+    traceback: str      # clipped to RAISED_TRACEBACK characters
+
+
+#: The most of a traceback a `Raised` carries: its start and its end, which say the most.
+RAISED_TRACEBACK = 8192
+
+
 class Outcome(NamedTuple):
     """How one attempt at a task ended, as the worker reports it."""
     id: int
     status: Status
     payload: Any      # a Payload for OK and ERROR, a Failure for LOST and TIMEOUT
     retryable: bool = False   # ERROR: it matched retry_on; LOST: another attempt may help
+    pid: int | None = None          # the child that ran it
+    started: float | None = None    # when it started and ended there (the worker's wall clock)
+    ended: float | None = None
+    raised: Raised | None = None    # ERROR: what it raised, as text
 
 
 class WorkerHello(NamedTuple):
@@ -373,8 +392,9 @@ def where() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
-def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
-    """Pickle what a job raised, keeping its text even if the object won't pickle."""
+def pack_exception(exc: BaseException, attempt: int = 1) -> tuple[bytes, Raised]:
+    """Pickle what a job raised, keeping its text even if the object won't
+    pickle; and that text, for the broker (`Raised`)."""
     type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     try:
         message = str(exc)
@@ -391,9 +411,9 @@ def pack_exception(exc: BaseException, attempt: int = 1) -> bytes:
         blob = None
     if blob is not None and len(blob) > BATCH_BYTES:
         blob = None     # an exception holding a big payload: its text will do
-    message, tb = _clip(message), _clip(tb)
-    return pickle.dumps((blob, type_name, message, tb, f"{where()}, attempt {attempt}"),
-                        protocol=PROTOCOL)
+    message, clipped = _clip(message), _clip(tb)
+    return (pickle.dumps((blob, type_name, message, clipped, f"{where()}, attempt {attempt}"), protocol=PROTOCOL),
+            Raised(type_name, message, _clip(tb, RAISED_TRACEBACK)))
 
 
 def _clip(text: str, most: int = 1 << 16) -> str:

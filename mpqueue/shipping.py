@@ -32,7 +32,7 @@ import os
 import socket
 import sys
 import threading
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 from .errors import EnvironmentMismatch, PayloadTooLarge
 from .protocol import digest
@@ -55,17 +55,29 @@ class Bundle(NamedTuple):
 
 
 class Header(NamedTuple):
-    """What a child needs before it unpickles a function."""
+    """What a child needs before it unpickles a function, and its name, which
+    the broker shows in the jobs' history without unpickling anything."""
     code: str | None                # hex digest of the function's bundle
     requires: dict[str, str]        # distribution -> the client's version
     on_mismatch: str = "raise"
+    name: str = ""                  # "module.qualname" of the function
 
     def as_dict(self) -> dict:
-        return {"code": self.code, "requires": self.requires, "on_mismatch": self.on_mismatch}
+        return {"code": self.code, "requires": self.requires, "on_mismatch": self.on_mismatch, "name": self.name}
 
     @classmethod
     def from_dict(cls, info: dict) -> "Header":
-        return cls(info.get("code"), dict(info.get("requires") or {}), info.get("on_mismatch", "raise"))
+        return cls(info.get("code"), dict(info.get("requires") or {}), info.get("on_mismatch", "raise"),
+                   str(info.get("name", "")))
+
+
+def function_name(fn: Callable) -> str:
+    """``module.qualname`` of a job's function (``functools.partial`` for a
+    partial, the type's for another callable object)."""
+    named = fn if hasattr(fn, "__qualname__") else type(fn)
+    module = getattr(named, "__module__", None)
+    qualname = getattr(named, "__qualname__", "?")
+    return f"{module}.{qualname}" if module else qualname
 
 
 # -- the client: what to ship ------------------------------------------------

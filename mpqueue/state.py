@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import shm
 from .config import SETTINGS, Settings
+from .history import FINAL_BY_STATUS, KEEP, Attempt, Counters, End, History, Record, State, reported
 from .objects import SharedObjects
 from .protocol import (
     BATCH_BYTES,
@@ -54,6 +55,7 @@ from .protocol import (
     WorkerWelcome,
     pack_exception,
     payload_size,
+    unwrap_function,
 )
 
 log = logging.getLogger("mpqueue.broker")
@@ -67,6 +69,9 @@ COLLECT_BATCH = 1000
 #: Once a backlog of this many jobs or more has drained, the broker gives its
 #: freed memory back to the system (`Broker.release_memory`).
 TRIM_AFTER = 10_000
+
+#: The final states `mpqueue jobs --failed` shows.
+_FAILED = frozenset({State.FAILED, State.TIMED_OUT, State.LOST, State.SHUTDOWN})
 
 #: What `fetch` and `collect` return for a call they parked: its answer goes
 #: out later, in the `Effects` of the call that makes it answerable.
@@ -109,6 +114,9 @@ class _Job:
     deaths: int = 0             # times the process running it died
     queued: bool = False        # in the queue now (not leased, not backing off)
     released: int = 0           # its attempts up to this one lost their shared objects: refused
+    submitted: float = 0.0      # monotonic, as every time below
+    started: float | None = None    # when a worker's report first had it running (this attempt)
+    story: list[Attempt] | None = None  # its attempts over so far (`history`)
 
 
 @dataclasses.dataclass(eq=False)
@@ -177,6 +185,19 @@ def max_deaths(options: Options) -> int:
     return max(MAX_DEATHS, options.retries + 1)
 
 
+#: The cause of a job that ended without an attempt, by its final state.
+_NEVER_RAN = {State.SHUTDOWN: "the cluster shut down before it ran"}
+
+
+def _function_name(blob: bytes) -> str:
+    """The name its client gave a job's function, in the JSON header of its
+    blob (never unpickled here); "" if it gave none."""
+    try:
+        return str(unwrap_function(blob)[0].get("name", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
 class BrokerState:
     """All queue state, and every rule about it.
 
@@ -184,12 +205,14 @@ class BrokerState:
     event, which clients set without the broker's lock). ``durable``: a
     journal is kept, so changes are recorded in `Effects.journal`.
     ``first_id``: where job ids start (see `broker._first_id`). ``rng``: the
-    jitter of retry backoffs.
+    jitter of retry backoffs. ``history``: how many finished jobs to keep
+    (`history.History`). ``epoch``: the wall clock's time at monotonic 0, so
+    that the history's times read as dates (the broker's own clock).
     """
 
     def __init__(self, settings: Settings = SETTINGS, *, broker_id: str, first_id: int,
                  durable: bool = False, closing: Callable[[], bool] = lambda: False,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, history: int = KEEP, epoch: float = 0.0):
         self.settings = settings
         self.id = broker_id     # a worker rejoining a different one holds nothing it would know
         self.durable = durable
@@ -216,8 +239,10 @@ class BrokerState:
         self._workers: dict[str, _Worker] = {}
         self._clients: dict[str, _Client] = {}
         self._ids = itertools.count(first_id)
-        self._done = 0
-        self._failed = 0
+        self.epoch = epoch
+        self.history = History(history)
+        self.counters = Counters()
+        self._finished_now: list[Record] = []          # for the journal (durable only)
         self._drain_deadline: float | None = None
         self._backlog = 0                              # most jobs held since memory was last released
 
@@ -228,7 +253,9 @@ class BrokerState:
         Returns how many jobs, results and clients it took back."""
         self.id = state["id"]
         self._ids = itertools.count(max(state["next_id"], next(self._ids)))
-        self._functions = {fn: [blob, 0] for fn, blob in state["functions"].items()}
+        self._functions = {fn: [blob, 0, _function_name(blob)] for fn, blob in state["functions"].items()}
+        for record in state.get("history", ()):
+            self.history.add(record)
         self._code = dict(state.get("code", {}))
         self.shared.restore(state.get("shared", {}))
         if self.shared.holder_groups():
@@ -243,7 +270,8 @@ class BrokerState:
         lost = state.get("lost", {})
         for job_id, session, seq, fn, payload, chunked, opts, attempts, deaths in state["jobs"]:
             task = Task(job_id, fn, payload, chunked, opts.timeout, opts.retry_on, 0)
-            job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths)
+            job = self._jobs[job_id] = _Job(task, opts, session, seq, attempts=attempts, deaths=deaths,
+                                            submitted=now)
             self._functions[fn][1] += 1
             self._client(session).jobs[seq] = job_id
             if job_id not in lost:
@@ -252,7 +280,7 @@ class BrokerState:
             # Their age, in the monotonic clock, for the TTL.
             self._client(session).results.append((number, delivery, now - max(0.0, wall - created)))
         for job_id, error in lost.items():     # numbered after the results taken back
-            self._finish(self._jobs[job_id], Status.ERROR, pack_exception(error), now)
+            self._finish(self._jobs[job_id], Status.ERROR, pack_exception(error)[0], now)
         for client in self._clients.values():
             client.gone_since = now     # until it reconnects
         return len(self._jobs), len(state["results"]), len(self._clients)
@@ -275,6 +303,9 @@ class BrokerState:
             if self.durable:
                 self.out.journal.append(("shared", ({name: shared.snapshot(name) for name in shared.changed},)))
             shared.changed = set()
+        if self._finished_now:
+            self.out.journal.append(("history", (self._finished_now, self.history.keep)))
+            self._finished_now = []
         if self._dirty:
             if self.durable:
                 self.out.journal.append(("attempts", ([(job.attempts, job.deaths, i) for i in self._dirty
@@ -400,8 +431,9 @@ class BrokerState:
         del self._connections[session]
         worker = self._workers.get(session)
         if worker is not None:
-            log.warning("worker %s (%s pid %d) disconnected", worker.id, worker.host, worker.pid)
-            self._lose_worker(worker, True, now)
+            log.warning("worker %s (%s pid %d) disconnected; presumed lost", worker.id, worker.host, worker.pid,
+                        extra={"event": "worker_lost", "worker": worker.id, "host": worker.host})
+            self._lose_worker(worker, now, "its connection closed")
         client = self._clients.get(session)
         if client is not None:
             client.gone_since = now
@@ -419,7 +451,8 @@ class BrokerState:
             worker = self._workers[session] = _Worker(session, hello.host, hello.pid, hello.procs,
                                                       now, address=peer, versions=dict(hello.versions))
             log.info("worker %s joined from %s (%s) pid %d with %d procs",
-                     session, hello.host, peer, hello.pid, hello.procs)
+                     session, hello.host, peer, hello.pid, hello.procs,
+                     extra={"event": "worker_joined", "worker": session, "host": hello.host})
             new = hello.broker_id is not None and hello.broker_id != self.id
             if not new:
                 self._lease_back(worker, old, hello.running, hello.finished)
@@ -481,7 +514,9 @@ class BrokerState:
         """A worker leaves cleanly; anything it still holds goes back to the queue."""
         worker = self._workers.get(session)
         if worker is not None:
-            self._lose_worker(worker, False, now)
+            log.info("worker %s (%s pid %d) left", worker.id, worker.host, worker.pid,
+                     extra={"event": "worker_left", "worker": worker.id, "host": worker.host})
+            self._lose_worker(worker, now)
 
     def _client(self, session: str) -> _Client:
         client = self._clients.get(session)
@@ -489,12 +524,14 @@ class BrokerState:
             client = self._clients[session] = _Client()
         return client
 
-    def _lose_worker(self, worker: _Worker, died: bool, now: float) -> None:
+    def _lose_worker(self, worker: _Worker, now: float, died: str = "") -> None:
         """Take back every job a worker held.
 
-        If it died, each counts a death: it cannot be told whether a job had
-        started (its report may be a second old), and a job that kills its
-        worker must not be handed on forever.
+        If it ``died`` (why, as a clause), each counts a death: it cannot be
+        told whether a job had started (its report may be a second old), and a
+        job that kills its worker must not be handed on forever. If it left,
+        each is given back uncharged; the ones it ran (a cold stop killed
+        them) say so in their history.
         """
         del self._workers[worker.id]
         self._recheck_fetchers = True
@@ -507,13 +544,42 @@ class BrokerState:
             if died:
                 job.deaths += 1
                 worker.lost += 1
+                self.counters.lost += 1
+                self._attempted(job, worker, now, End.LOST, f"worker {worker.id} {died}")
                 if job.deaths >= max_deaths(job.options):
                     self._finish(job, Status.LOST, Failure.worker_lost(worker.pid, worker.host, worker.id),
                                  now)
                     continue
+                self._requeued(job, f"its worker {worker.id} was lost ({died})", None)
             else:
-                job.attempts -= 1   # never started
+                job.attempts -= 1   # never started, or killed by its worker's cold stop
+                if job_id in worker.running:
+                    self._attempted(job, worker, now, End.STOPPED, "its worker stopped cold")
+                    self._requeued(job, f"its worker {worker.id} stopped before it finished", None, False)
             self._requeue(job)
+
+    def _attempted(self, job: _Job, worker: _Worker | None, now: float, end: End, detail: str = "") -> None:
+        """An attempt the broker saw end (not reported by its worker): into the job's story."""
+        started = None if job.started is None else job.started + self.epoch
+        attempt = Attempt(worker.id if worker else job.worker, worker.host if worker else "", None, started,
+                          now + self.epoch, end, detail)
+        if job.story is None:
+            job.story = [attempt]
+        else:
+            job.story.append(attempt)
+
+    def _requeued(self, job: _Job, why: str, worker: _Worker | None, charged: bool = True,
+                  delay: float = 0.0) -> None:
+        """Say in the log that a job goes back to the queue (after ``why``,
+        in ``delay`` s), and count it as retried if the failure was ``charged``
+        to it (to ``worker``, the one that ran it, if still registered)."""
+        if charged:
+            self.counters.retried += 1
+            if worker is not None:
+                worker.retried += 1
+        log.info("job %d re-queued%s: %s (%d attempt(s) so far)", job.task.id,
+                 f" for {delay:.2f} s from now" if delay else "", why, len(job.story or ()),
+                 extra={"event": "job_requeued", "job": job.task.id, "why": why})
 
     # -- the queue --------------------------------------------------------
 
@@ -539,6 +605,7 @@ class BrokerState:
         goes, and its calls are refused from now on, even if the attempt is
         alive after all (a worker presumed lost that rejoins)."""
         job.worker = None
+        job.started = None
         if job.released < job.attempts:
             job.released = job.attempts
             self.shared.group_ended(f"job:{job.task.id}", failed)
@@ -551,10 +618,10 @@ class BrokerState:
         return min(self.settings.retry_delay_cap, delay)
 
     def _retry_later(self, job: _Job, worker: _Worker | None, now: float) -> None:
-        if worker is not None:
-            worker.retried += 1
+        delay = self.backoff(job)
+        self._requeued(job, f"it {job.story[-1].cause}" if job.story else "it failed", worker, delay=delay)
         self._attempt_over(job)
-        due = now + self.backoff(job)
+        due = now + delay
         heapq.heappush(self._delayed, (due, job.task.id))
         self._wake_timer(due)       # it queues the job when due
 
@@ -600,11 +667,16 @@ class BrokerState:
         client.max_seq = submissions[-1].seq
         self._backlog = max(self._backlog, len(self._jobs) + len(submissions))
         jobs = []
+        self.counters.submitted += len(submissions)
         for sub in submissions:
-            self._functions.setdefault(sub.fn, [functions[sub.fn], 0])[1] += 1
+            entry = self._functions.get(sub.fn)
+            if entry is None:
+                blob = functions[sub.fn]
+                entry = self._functions[sub.fn] = [blob, 0, _function_name(blob)]
+            entry[1] += 1
             opts = sub.options
             task = Task(next(self._ids), sub.fn, sub.payload, sub.chunked, opts.timeout, opts.retry_on, 0)
-            job = _Job(task, opts, session, sub.seq)
+            job = _Job(task, opts, session, sub.seq, submitted=now)
             self._jobs[task.id] = job
             client.jobs[sub.seq] = task.id
             jobs.append(job)
@@ -695,7 +767,12 @@ class BrokerState:
             if packages:
                 worker.packages.update(packages)
             if running[0] >= worker.running_version:
-                worker.running_version, worker.running = running[0], set(running[1])
+                now_running = set(running[1])
+                for job_id in now_running.difference(worker.running):     # started since its last report
+                    job = self._jobs.get(job_id)
+                    if job is not None and job.started is None:
+                        job.started = now
+                worker.running_version, worker.running = running[0], now_running
         for outcome in outcomes:
             job = self._jobs.get(outcome.id)
             if job is None:
@@ -705,6 +782,12 @@ class BrokerState:
             holder = self._workers.get(job.worker) if job.worker else None
             if holder is not None:
                 holder.held.discard(job.task.id)
+            attempt = reported(session, worker.host if worker else "", outcome.status, outcome.payload, outcome.pid,
+                               outcome.started, outcome.ended, outcome.raised)
+            if job.story is None:
+                job.story = [attempt]
+            else:
+                job.story.append(attempt)
             self._unqueue(job)      # in case it was re-queued meanwhile
             # Its code ran to the end (a result, or an exception): what it took is its own.
             self._attempt_over(job, failed=outcome.status not in (Status.OK, Status.ERROR))
@@ -722,14 +805,16 @@ class BrokerState:
         status, opts = outcome.status, job.options
         if status is Status.LOST:
             job.deaths += 1
+            self.counters.lost += 1
             if worker is not None:
                 worker.lost += 1
             if outcome.retryable and job.deaths < max_deaths(opts):
-                if worker is not None:
-                    worker.retried += 1
+                self._requeued(job, f"its process {job.story[-1].cause}" if job.story else "its process died",
+                               worker)
                 self._requeue(job)
                 return True
         elif status is Status.TIMEOUT:
+            self.counters.timed_out += 1
             if worker is not None:
                 worker.timed_out += 1
             if opts.retry_timeouts and job.attempts - job.deaths <= opts.retries:
@@ -770,11 +855,12 @@ class BrokerState:
 
     def _finish(self, job: _Job, status: Status, payload: Any, now: float) -> None:
         """The job is over: hand its result to its client (if still there)."""
-        self._forget(job)
         if status is Status.OK:
-            self._done += 1
+            self.counters.done += 1
         else:
-            self._failed += 1
+            self.counters.failed += 1
+        self._close(job, FINAL_BY_STATUS[status], now)
+        self._forget(job)
         client = self._clients.get(job.client)
         if client is None:
             self._drop_payload(payload)
@@ -831,27 +917,29 @@ class BrokerState:
             size += payload_size(delivery.payload)
         return batch
 
-    def goodbye(self, session: str) -> None:
+    def goodbye(self, session: str, now: float) -> None:
         """A client leaves: its queued jobs are dropped and its results discarded."""
         client = self._clients.get(session)
         if client is not None:
             for parked in client.collectors:
                 self._answer(parked, [])
-            self._drop_client(session, failed=False)
+            self._drop_client(session, now, failed=False)
 
-    def _drop_client(self, session: str, failed: bool = True) -> None:
+    def _drop_client(self, session: str, now: float, failed: bool = True) -> None:
         """Forget a client: it said goodbye, or (``failed``) it was gone too long."""
         client = self._clients.pop(session)
         self.shared.group_ended(f"client:{session}", failed)
         for _, delivery, _ in client.results:
             self._drop_payload(delivery.payload)
+        why = "as its client was gone too long" if failed else "as its client left"
         for job_id in list(client.jobs.values()):
-            self._withdraw(self._jobs[job_id])
+            self._withdraw(self._jobs[job_id], now, why)
         self._record("client_gone", session)
 
-    def _withdraw(self, job: _Job) -> None:
-        """Drop a job its client no longer wants; if a worker holds it, ask it
-        to drop the job too unless it has started (the answer is not awaited)."""
+    def _withdraw(self, job: _Job, now: float, why: str) -> None:
+        """Drop a job its client no longer wants (``why``); if a worker holds
+        it, ask it to drop the job too unless it has started (the answer is
+        not awaited)."""
         worker = self._workers.get(job.worker) if job.worker else None
         if worker is not None:
             if job.task.id in worker.running:
@@ -860,7 +948,29 @@ class BrokerState:
             worker.withdraw.append((job.task.id, False))
             self.out.wake_control = True
         self._unqueue(job)
+        self._cancelled(job, now, why)
         self._forget(job)
+
+    def _close(self, job: _Job, state: State, now: float, cause: str = "") -> None:
+        """Keep the story of a job that is over, in its final ``state``. Its
+        ``cause`` defaults to how its last attempt ended."""
+        story = job.story or ()
+        if not cause:
+            cause = story[-1].cause if story else _NEVER_RAN.get(state, "")
+        record = Record(job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch,
+                        now + self.epoch, tuple(story), cause)
+        self.history.add(record)
+        if self.durable:
+            self._finished_now.append(record)
+
+    def _cancelled(self, job: _Job, now: float, why: str) -> None:
+        """A job its client withdrew (or left) is over: the attempt it was
+        running, if any, ends with it."""
+        holder = self._workers.get(job.worker) if job.worker else None
+        if holder is not None and job.task.id in holder.running:
+            self._attempted(job, holder, now, End.CANCELLED, why)
+        self.counters.cancelled += 1
+        self._close(job, State.CANCELLED, now, f"cancelled {why}")
 
     def _forget(self, job: _Job) -> None:
         del self._jobs[job.task.id]
@@ -919,7 +1029,7 @@ class BrokerState:
 
     # -- cancelling ---------------------------------------------------------
 
-    def cancel(self, session: str, seqs: list[int], force: bool) -> list[bool] | PendingCancel:
+    def cancel(self, session: str, seqs: list[int], force: bool, now: float) -> list[bool] | PendingCancel:
         """Withdraw this client's jobs: True for each one that will not complete.
 
         A job not yet started is always withdrawn; a running one only with
@@ -938,6 +1048,7 @@ class BrokerState:
                 verdicts[seq] = seq in client.withdrawn
             elif worker is None:
                 self._unqueue(job)
+                self._cancelled(job, now, "by its client")
                 self._forget(job)
                 verdicts[seq] = True
             elif job.task.id in worker.running and not force:
@@ -949,7 +1060,7 @@ class BrokerState:
                 asked[job.task.id] = seq
         pending = PendingCancel(session, seqs, verdicts, asked)
         if not asked:
-            return self.conclude(pending)
+            return self.conclude(pending, now)
         self.out.wake_control = True
         self._awaited.update(dict.fromkeys(asked, force))
         return pending
@@ -964,7 +1075,7 @@ class BrokerState:
         return any(i not in self._answers and (job := self._jobs.get(i)) is not None
                    and job.worker in self._workers for i in pending.asked)
 
-    def conclude(self, pending: PendingCancel) -> list[bool]:
+    def conclude(self, pending: PendingCancel, now: float) -> list[bool]:
         """The verdicts of a cancel, once the workers asked have answered (or are gone)."""
         verdicts = pending.verdicts
         for job_id in pending.asked:
@@ -977,6 +1088,7 @@ class BrokerState:
                 if holder is not None:
                     holder.held.discard(job_id)
                 self._unqueue(job)
+                self._cancelled(job, now, "by its client")
                 self._forget(job)
                 verdicts[seq] = True
             else:
@@ -1021,9 +1133,10 @@ class BrokerState:
         the broker may exit."""
         for worker in list(self._workers.values()):
             if now - worker.last_seen > self.settings.heartbeat_timeout:
-                log.warning("worker %s (%s pid %d) silent for %.0f s; presumed lost",
-                            worker.id, worker.host, worker.pid, now - worker.last_seen)
-                self._lose_worker(worker, True, now)
+                why = f"silent for {now - worker.last_seen:.0f} s"
+                log.warning("worker %s (%s pid %d) %s; presumed lost", worker.id, worker.host, worker.pid, why,
+                            extra={"event": "worker_lost", "worker": worker.id, "host": worker.host})
+                self._lose_worker(worker, now, why)
         ttl = now - self.settings.result_ttl
         for session, client in list(self._clients.items()):
             expired = []
@@ -1043,7 +1156,7 @@ class BrokerState:
                 gone = (client.gone_since is not None and now - client.gone_since > self.settings.result_ttl
                         and not (client.jobs or client.results))
             if gone:
-                self._drop_client(session)
+                self._drop_client(session, now)
         if not self.closing():
             return False
         self.out.wake_control = True     # control calls see it (parked fetches: _answer_parked)
@@ -1072,6 +1185,46 @@ class BrokerState:
             client.jobs = {}
         return True
 
+    def jobs(self, now: float, limit: int = 20, failed: bool = False, running: bool = False,
+             job_id: int | None = None) -> list[dict]:
+        """Jobs for `mpqueue jobs`, as `Record.as_dict`, newest first: the one
+        numbered ``job_id`` (in flight or kept), or up to ``limit`` of the
+        jobs in flight and those kept, by when they last changed; with
+        ``failed`` or ``running``, only finished jobs that did not succeed,
+        or jobs running now (either, with both)."""
+        if job_id is not None:
+            job = self._jobs.get(job_id)
+            found = self._in_flight(job, now) if job is not None else self.history.get(job_id)
+            return [] if found is None else [found.as_dict()]
+        records: list[Record] = []
+        if running:
+            ids = [i for worker in self._workers.values() for i in worker.running if i in self._jobs]
+            records += [self._in_flight(self._jobs[i], now) for i in ids]
+        if failed:
+            records += itertools.islice((r for r in self.history.newest() if r.state in _FAILED), limit)
+        if not (failed or running):
+            records += [self._in_flight(job, now) for job in itertools.islice(reversed(self._jobs.values()), limit)]
+            records += itertools.islice(self.history.newest(), limit)
+        records.sort(key=_last_change, reverse=True)
+        return [r.as_dict() for r in records[:limit]]
+
+    def _in_flight(self, job: _Job, now: float) -> Record:
+        """A job not over yet, as `jobs` shows it: where it is, and its story so far."""
+        story = tuple(job.story or ())
+        holder = self._workers.get(job.worker) if job.worker else None
+        if holder is not None:
+            if job.task.id in holder.running:
+                started = None if job.started is None else job.started + self.epoch
+                story += (Attempt(holder.id, holder.host, None, started, None, End.RUNNING),)
+                state = State.RUNNING
+            else:
+                state = State.HELD
+        else:
+            state = State.QUEUED if job.queued else State.RETRYING
+        cause = f"after {story[-1].cause}" if state in (State.QUEUED, State.RETRYING) and story else ""
+        return Record(job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch, None,
+                      story, cause)
+
     def status(self, now: float, wall: float) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a
         child now. ``wall``: time.time() at ``now``."""
@@ -1089,10 +1242,20 @@ class BrokerState:
             "workers": workers,
             "queued": self._queued + backing_off + sum(w["queued"] for w in workers),
             "running": sum(w["running"] for w in workers),
-            "done": self._done,
-            "failed": self._failed,
+            "done": self.counters.done,
+            "failed": self.counters.failed,
+            "counters": self.counters.as_dict(),
+            "history": len(self.history),
             "clients": len(self._clients),
             "results": sum(len(c.results) for c in self._clients.values()),   # not yet collected
             "shutting_down": self.closing(),
             "shared": self.shared.listing(),
         }
+
+
+def _last_change(record: Record) -> float:
+    """When a job last changed: it finished, its newest attempt started, or it was submitted."""
+    if record.finished is not None:
+        return record.finished
+    started = [a.started for a in record.attempts if a.started is not None]
+    return max(started, default=record.submitted)

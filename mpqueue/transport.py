@@ -53,7 +53,7 @@ BROKER_ID = "broker"
 EVENT_ID = "shutdown_event"
 
 BROKER_METHODS = ("register", "unregister", "fetch", "report", "release", "control",
-                  "submit", "code", "payload", "cancel", "collect", "goodbye", "status",
+                  "submit", "code", "payload", "cancel", "collect", "goodbye", "status", "jobs",
                   "shared_open", "shared", "shared_delete")
 EVENT_METHODS = ("is_set", "set", "wait")
 

@@ -30,10 +30,11 @@ import mpqueue
 from helpers import logs, python
 from mpqueue import AuthenticationError, Client
 from mpqueue import local as wire
+from mpqueue.handshake import PROTOCOL
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VERSIONS = {"mpqueue": mpqueue.__version__, "python": "%d.%d" % sys.version_info[:2],
-            "cloudpickle": cloudpickle.__version__, "protocol": "3"}
+            "cloudpickle": cloudpickle.__version__, "protocol": PROTOCOL}
 REPO = Path(__file__).resolve().parent.parent
 #: An interpreter of another minor version, for the version handshake.
 OTHER_PYTHON = Path.home() / ".pyenv/versions" / (
@@ -136,7 +137,7 @@ def test_another_message_protocol_is_refused_at_either_end(cluster, monkeypatch)
     sock.close()
     assert verdict == {"refused": "version", **VERSIONS}
     line, = wait_for_log(cluster.broker, "version mismatch")
-    assert "(protocol 1)" in line and "(protocol 3)" in line
+    assert "(protocol 1)" in line and f"(protocol {PROTOCOL})" in line
 
     # A broker that speaks the handshake but not this protocol: it says no versions.
     from mpqueue import VersionMismatch

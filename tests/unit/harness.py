@@ -6,11 +6,16 @@ from __future__ import annotations
 import random
 
 from mpqueue.config import Settings
+from mpqueue.history import KEEP
 from mpqueue.protocol import ClientHello, Options, Outcome, Status, Submission, WorkerHello, WorkerWelcome
 from mpqueue.state import PARKED, BrokerState
 
 SETTINGS = Settings(heartbeat_timeout=10.0, wait_slice=2.0, client_grace=5.0, result_ttl=100.0,
                     retry_delay_cap=30.0, drain_timeout=30.0)
+
+
+#: The wall clock's time at the fake clock's 0: history times are ``EPOCH + now``.
+EPOCH = 1_700_000_000.0
 
 
 class FixedJitter(random.Random):
@@ -27,11 +32,11 @@ class FixedJitter(random.Random):
 class Harness:
     """A `BrokerState` with helpers that speak for one client and its workers."""
 
-    def __init__(self, durable: bool = False, settings: Settings = SETTINGS):
+    def __init__(self, durable: bool = False, settings: Settings = SETTINGS, history: int = KEEP):
         self.closing = False
         self.jitter = FixedJitter()
         self.state = BrokerState(settings, broker_id="b1", first_id=100, durable=durable,
-                                 closing=lambda: self.closing, rng=self.jitter)
+                                 closing=lambda: self.closing, rng=self.jitter, history=history, epoch=EPOCH)
         self.seq = 0
         self.effects = self.state.settle()
 

@@ -12,10 +12,10 @@ from .harness import SETTINGS, Harness
 def test_cancel_of_a_queued_job_is_immediate_and_asked_again_says_so(h):
     h.worker()
     (seq,) = h.submit(Options())
-    assert h.state.cancel("c", [seq], False) == [True]
+    assert h.state.cancel("c", [seq], False, 0.0) == [True]
     assert h.fetch() == []
-    assert h.state.cancel("c", [seq], False) == [True]
-    assert h.state.cancel("c", [99], False) == [False]          # never heard of
+    assert h.state.cancel("c", [seq], False, 0.0) == [True]
+    assert h.state.cancel("c", [99], False, 0.0) == [False]          # never heard of
 
 
 def test_cancel_of_a_leased_job_asks_its_worker_and_waits_for_the_answer(h):
@@ -24,13 +24,13 @@ def test_cancel_of_a_leased_job_asks_its_worker_and_waits_for_the_answer(h):
     worker = h.state.worker("w")
     assert h.state.withdrawals("w", worker) is NOTHING_YET
     (task,) = h.fetch()
-    pending = h.state.cancel("c", [seq], False)
+    pending = h.state.cancel("c", [seq], False, 0.0)
     assert isinstance(pending, PendingCancel) and h.state.out.wake_control
     assert h.state.withdrawals("w", worker) == [(task.id, False)]
     assert h.state.awaiting(pending)
     h.state.answered({task.id: True})
     assert not h.state.awaiting(pending)
-    assert h.state.conclude(pending) == [True]
+    assert h.state.conclude(pending, 0.0) == [True]
     h.settle()
     h.report(task.id, Status.CANCELLED, b"")    # too late to matter: it is forgotten
     assert h.collect() == [] and h.state.status(0.0, 0.0)["queued"] == 0
@@ -41,21 +41,21 @@ def test_a_started_job_is_cancelled_only_with_force(h):
     (seq,) = h.submit(Options())
     (task,) = h.fetch()
     h.state.report("w", [], (1, [task.id]), 0.0)        # it runs now
-    assert h.state.cancel("c", [seq], False) == [False]
-    pending = h.state.cancel("c", [seq], True)
+    assert h.state.cancel("c", [seq], False, 0.0) == [False]
+    pending = h.state.cancel("c", [seq], True, 0.0)
     assert h.state.withdrawals("w", h.state.worker("w")) == [(task.id, True)]
     h.state.answered({task.id: True})
-    assert h.state.conclude(pending) == [True]
+    assert h.state.conclude(pending, 0.0) == [True]
 
 
 def test_a_job_its_worker_did_not_withdraw_is_not_cancelled(h):
     h.worker()
     (seq,) = h.submit(Options())
     (task,) = h.fetch()
-    pending = h.state.cancel("c", [seq], False)
-    assert h.state.cancel("c", [seq], False) == [False]         # one cancel of it at a time
+    pending = h.state.cancel("c", [seq], False, 0.0)
+    assert h.state.cancel("c", [seq], False, 0.0) == [False]         # one cancel of it at a time
     h.state.answered({task.id: False})
-    assert h.state.conclude(pending) == [False]
+    assert h.state.conclude(pending, 0.0) == [False]
     h.settle()
     h.report(task.id, payload=b"done")
     assert [d.payload for _, d in h.collect()] == [b"done"]
@@ -65,10 +65,10 @@ def test_a_cancel_waiting_on_a_worker_that_is_lost_withdraws_the_job(h):
     h.worker()
     (seq,) = h.submit(Options())
     h.fetch()
-    pending = h.state.cancel("c", [seq], False)
+    pending = h.state.cancel("c", [seq], False, 0.0)
     h.state.tick(SETTINGS.heartbeat_timeout + 1)
     assert h.state.out.wake_cancels and not h.state.awaiting(pending)
-    assert h.state.conclude(pending) == [True]
+    assert h.state.conclude(pending, 0.0) == [True]
     h.settle()
     assert h.state.status(20.0, 0.0)["queued"] == 0
 
@@ -76,7 +76,7 @@ def test_a_cancel_waiting_on_a_worker_that_is_lost_withdraws_the_job(h):
 def test_a_cancel_wakes_the_clients_parked_collect(h):
     (seq,) = h.submit(Options())
     assert h.collect(wait=5.0, reply="collect-call") is PARKED
-    h.state.cancel("c", [seq], False)
+    h.state.cancel("c", [seq], False, 0.0)
     assert h.settle().answers == [("collect-call", ("#RETURN", []))]
 
 
@@ -189,7 +189,7 @@ def test_a_durable_state_says_what_to_write(durable):
     assert durable.effects.journal == [("attempts", ([(1, 0, task.id)],))]
     durable.report(task.id, payload=b"r")
     names = [name for name, _ in durable.effects.journal]
-    assert names == ["forgotten", "unused", "result", "attempts"]
+    assert names == ["forgotten", "unused", "result", "history", "attempts"]
     durable.collect(ack=1)
     assert durable.effects.journal == [("acknowledged", ("c", 1))]
 
@@ -207,14 +207,16 @@ def test_a_goodbye_drops_the_clients_jobs_and_asks_workers_for_unstarted_ones(h)
     h.submit(Options(), Options(), Options())
     started, held, _ = h.fetch(n=2) + [None]
     h.state.report("w", [], (1, [started.id]), 0.0)
-    h.state.goodbye("c")
+    h.state.goodbye("c", 0.0)
     assert h.state.out.wake_control
     assert h.state.withdrawals("w", h.state.worker("w")) == [(held.id, False)]
     h.settle()
     h.report(started.id, running=(2, []))        # it finishes; nobody to tell
     assert h.state.status(0.0, 0.0) | {"workers": None} == {
         "workers": None, "queued": 0, "running": 0, "done": 1, "failed": 0, "clients": 0, "results": 0,
-        "shutting_down": False, "shared": []}
+        "shutting_down": False, "shared": [], "history": 3,
+        "counters": {"submitted": 3, "done": 1, "failed": 0, "cancelled": 2, "retried": 0, "lost": 0,
+                     "timed_out": 0}}
 
 
 def test_a_disconnect_is_a_loss_only_on_the_last_connection(h):
