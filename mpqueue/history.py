@@ -17,13 +17,17 @@ broker decides (a lost worker, a cancel).
 
 Every job ends in exactly one of the final `State` s; the meaning of each,
 and of every field shown: docs/observability.md.
+
+The broker keeps attempts and records as plain tuples in the fields' order
+of `Attempt` and `Record` (rows): a NamedTuple costs ten times as much to
+make, and a no-op job pays for two. They become NamedTuples when asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections import OrderedDict
+from collections import deque
 from typing import Any, Iterator, NamedTuple
 
 from .protocol import Failure, Raised, Status
@@ -80,9 +84,7 @@ class Attempt(NamedTuple):
     @property
     def cause(self) -> str:
         """One line: how it ended, e.g. ``raised ValueError: bad input``."""
-        if self.end is End.RESULT:
-            return ""
-        return f"{self.end.value} {self.detail}".rstrip()
+        return cause_of(self)
 
 
 class Record(NamedTuple):
@@ -104,6 +106,26 @@ class Record(NamedTuple):
     def from_dict(cls, info: dict) -> "Record":
         attempts = tuple(Attempt(**{**a, "end": End(a["end"])}) for a in info["attempts"])
         return cls(**{**info, "state": State(info["state"]), "attempts": attempts})
+
+    @classmethod
+    def from_row(cls, row: tuple) -> "Record":
+        """A record kept as a row: its attempts made `Attempt` s too."""
+        return cls(row[0], row[1], row[2], row[3], row[4], tuple(Attempt._make(a) for a in row[5]), row[6])
+
+
+def attempt_row(worker: str | None, host: str, pid: int | None, started: float | None, ended: float | None,
+                end: End, detail: str = "", traceback: str = "") -> tuple:
+    """An `Attempt`, as the broker keeps it (a row)."""
+    return (worker, host, pid, started, ended, end, detail, traceback)
+
+
+def cause_of(attempt: tuple) -> str:
+    """How an attempt (a row, or an `Attempt`) ended, in one line:
+    ``raised ValueError: bad input``; "" for a result."""
+    end, detail = attempt[5], attempt[6]
+    if end is End.RESULT:
+        return ""
+    return f"{end.value} {detail}".rstrip()
 
 
 @dataclasses.dataclass(slots=True)
@@ -127,26 +149,28 @@ class Counters:
 
 
 class History:
-    """The last ``keep`` finished jobs, oldest first, found by id."""
+    """The last ``keep`` finished jobs, as rows of `Record` fields, oldest first."""
 
     def __init__(self, keep: int = KEEP):
         self.keep = keep
-        self._records: OrderedDict[int, Record] = OrderedDict()
+        self._rows: deque[tuple] = deque(maxlen=keep)
 
-    def add(self, record: Record) -> None:
-        records = self._records
-        records[record.id] = record
-        if len(records) > self.keep:
-            records.popitem(last=False)
+    def add(self, row: tuple) -> None:
+        """A job over: the oldest kept goes if there are ``keep`` already."""
+        self._rows.append(row)
 
     def get(self, job_id: int) -> Record | None:
-        return self._records.get(job_id)
+        """A kept job (a walk from the newest: asked for by a person, now and then)."""
+        for row in reversed(self._rows):
+            if row[0] == job_id:
+                return Record.from_row(row)
+        return None
 
     def newest(self) -> Iterator[Record]:
-        return reversed(self._records.values())
+        return (Record.from_row(row) for row in reversed(self._rows))
 
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._rows)
 
 
 def reported(worker: str | None, host: str, status: Status, payload: Any, pid: int | None,

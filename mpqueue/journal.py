@@ -276,12 +276,12 @@ class Journal:
         self._flush()
         self._db.executemany("UPDATE jobs SET attempts = ?, deaths = ? WHERE id = ?", rows)
 
-    def history(self, records: list[Record], keep: int) -> None:
-        """Finished jobs' stories; the table keeps about the last ``keep``
-        (cut down once a tenth more have been written, not at every call)."""
+    def history(self, rows: list[tuple], keep: int) -> None:
+        """Finished jobs' stories (rows of `Record`); the table keeps about the
+        last ``keep`` (cut down once a tenth more have been written, not at every call)."""
         self._db.executemany("INSERT INTO history (record) VALUES (?)",
-                             [(json.dumps(r.as_dict()),) for r in records])
-        self._unpruned += len(records)
+                             [(json.dumps(Record.from_row(row).as_dict()),) for row in rows])
+        self._unpruned += len(rows)
         if self._unpruned > max(100, keep // 10):
             self._unpruned = 0
             self._db.execute("DELETE FROM history WHERE n <= (SELECT MAX(n) FROM history) - ?", (keep,))

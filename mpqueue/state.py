@@ -37,7 +37,18 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import shm
 from .config import SETTINGS, Settings
-from .history import FINAL_BY_STATUS, KEEP, Attempt, Counters, End, History, Record, State, reported
+from .history import (
+    FINAL_BY_STATUS,
+    KEEP,
+    Counters,
+    End,
+    History,
+    Record,
+    State,
+    attempt_row,
+    cause_of,
+    reported,
+)
 from .objects import SharedObjects
 from .protocol import (
     BATCH_BYTES,
@@ -116,7 +127,7 @@ class _Job:
     released: int = 0           # its attempts up to this one lost their shared objects: refused
     submitted: float = 0.0      # monotonic, as every time below
     started: float | None = None    # when a worker's report first had it running (this attempt)
-    story: list[Attempt] | None = None  # its attempts over so far (`history`)
+    story: list[tuple] | None = None    # its attempts over so far (`history.attempt_row` s)
 
 
 @dataclasses.dataclass(eq=False)
@@ -242,7 +253,7 @@ class BrokerState:
         self.epoch = epoch
         self.history = History(history)
         self.counters = Counters()
-        self._finished_now: list[Record] = []          # for the journal (durable only)
+        self._finished_now: list[tuple] = []           # rows of `Record`, for the journal (durable only)
         self._drain_deadline: float | None = None
         self._backlog = 0                              # most jobs held since memory was last released
 
@@ -561,8 +572,8 @@ class BrokerState:
     def _attempted(self, job: _Job, worker: _Worker | None, now: float, end: End, detail: str = "") -> None:
         """An attempt the broker saw end (not reported by its worker): into the job's story."""
         started = None if job.started is None else job.started + self.epoch
-        attempt = Attempt(worker.id if worker else job.worker, worker.host if worker else "", None, started,
-                          now + self.epoch, end, detail)
+        attempt = attempt_row(worker.id if worker else job.worker, worker.host if worker else "", None, started,
+                              now + self.epoch, end, detail)
         if job.story is None:
             job.story = [attempt]
         else:
@@ -619,7 +630,7 @@ class BrokerState:
 
     def _retry_later(self, job: _Job, worker: _Worker | None, now: float) -> None:
         delay = self.backoff(job)
-        self._requeued(job, f"it {job.story[-1].cause}" if job.story else "it failed", worker, delay=delay)
+        self._requeued(job, f"it {cause_of(job.story[-1])}" if job.story else "it failed", worker, delay=delay)
         self._attempt_over(job)
         due = now + delay
         heapq.heappush(self._delayed, (due, job.task.id))
@@ -782,8 +793,12 @@ class BrokerState:
             holder = self._workers.get(job.worker) if job.worker else None
             if holder is not None:
                 holder.held.discard(job.task.id)
-            attempt = reported(session, worker.host if worker else "", outcome.status, outcome.payload, outcome.pid,
-                               outcome.started, outcome.ended, outcome.raised)
+            host = worker.host if worker else ""
+            if outcome.status is Status.OK:     # most: spares a call
+                attempt = attempt_row(session, host, outcome.pid, outcome.started, outcome.ended, End.RESULT)
+            else:
+                attempt = reported(session, host, outcome.status, outcome.payload, outcome.pid, outcome.started,
+                                   outcome.ended, outcome.raised)
             if job.story is None:
                 job.story = [attempt]
             else:
@@ -809,7 +824,7 @@ class BrokerState:
             if worker is not None:
                 worker.lost += 1
             if outcome.retryable and job.deaths < max_deaths(opts):
-                self._requeued(job, f"its process {job.story[-1].cause}" if job.story else "its process died",
+                self._requeued(job, f"its process {cause_of(job.story[-1])}" if job.story else "its process died",
                                worker)
                 self._requeue(job)
                 return True
@@ -956,12 +971,12 @@ class BrokerState:
         ``cause`` defaults to how its last attempt ended."""
         story = job.story or ()
         if not cause:
-            cause = story[-1].cause if story else _NEVER_RAN.get(state, "")
-        record = Record(job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch,
-                        now + self.epoch, tuple(story), cause)
-        self.history.add(record)
+            cause = cause_of(story[-1]) if story else _NEVER_RAN.get(state, "")
+        row = (job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch, now + self.epoch,
+               story, cause)
+        self.history.add(row)
         if self.durable:
-            self._finished_now.append(record)
+            self._finished_now.append(row)
 
     def _cancelled(self, job: _Job, now: float, why: str) -> None:
         """A job its client withdrew (or left) is over: the attempt it was
@@ -1210,20 +1225,20 @@ class BrokerState:
 
     def _in_flight(self, job: _Job, now: float) -> Record:
         """A job not over yet, as `jobs` shows it: where it is, and its story so far."""
-        story = tuple(job.story or ())
+        story = list(job.story or ())
         holder = self._workers.get(job.worker) if job.worker else None
         if holder is not None:
             if job.task.id in holder.running:
                 started = None if job.started is None else job.started + self.epoch
-                story += (Attempt(holder.id, holder.host, None, started, None, End.RUNNING),)
+                story.append(attempt_row(holder.id, holder.host, None, started, None, End.RUNNING))
                 state = State.RUNNING
             else:
                 state = State.HELD
         else:
             state = State.QUEUED if job.queued else State.RETRYING
-        cause = f"after {story[-1].cause}" if state in (State.QUEUED, State.RETRYING) and story else ""
-        return Record(job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch, None,
-                      story, cause)
+        cause = f"after {cause_of(story[-1])}" if state in (State.QUEUED, State.RETRYING) and story else ""
+        return Record.from_row((job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch,
+                                None, story, cause))
 
     def status(self, now: float, wall: float) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a

@@ -158,8 +158,9 @@ def test_a_journal_keeps_the_history_and_gives_it_back(durable, tmp_path):
         journal.history(*rows)
     journal.commit()
     back = Journal.load(journal)["history"]
-    assert back == rows[0] * 3 and back[0].id == task.id and back[0].attempts[0].pid == 42
-    many = [rows[0][0]._replace(id=i) for i in range(250)]
+    assert back == [Record.from_row(row) for row in rows[0]] * 3
+    assert back[0].id == task.id and back[0].attempts[0].pid == 42
+    many = [(i, *rows[0][0][1:]) for i in range(250)]
     journal.history(many, 50)
     journal.commit()
     assert [r.id for r in journal.load()["history"]] == list(range(200, 250))
