@@ -17,7 +17,7 @@ from typing import Callable, cast
 
 import click
 
-from . import __version__, shm
+from . import __version__, logs, shm
 from .config import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -33,6 +33,7 @@ from .config import (
     warn_unknown_variables,
 )
 from .errors import ConfigError, MpqueueError
+from .history import KEEP
 
 broker_log = logging.getLogger("mpqueue.broker")
 
@@ -62,9 +63,7 @@ def main() -> None:
     the key can run code on the workers: keep it secret.
     """
     warn_unknown_variables()
-    level = os.environ.get("MPQUEUE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
-                        format="%(name)s: %(message)s", stream=sys.stderr)
+    logs.configure()
 
 
 def _watch_lifeline(on_eof) -> None:
@@ -76,6 +75,21 @@ def _watch_lifeline(on_eof) -> None:
             pass
         on_eof()
     threading.Thread(target=watch, name="lifeline", daemon=True).start()
+
+
+def _log_options(command):
+    """``--log-level`` and ``--log-format``, for the long-running commands:
+    `logs.configure` with them before anything else is logged."""
+    def use(ctx, param, value):
+        ctx.meta[param.name] = value
+        if param.name == "log_format":      # click handles options in the order given: both are in by now
+            logs.configure(ctx.meta.get("log_level"), value)
+    command = click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+                           expose_value=False, callback=use,
+                           help="text: a line for a person; json: one JSON object per line.")(command)
+    return click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False), default=None,
+                        expose_value=False, callback=use, is_eager=True,
+                        help="Log this and worse [default: $MPQUEUE_LOG_LEVEL, else INFO].")(command)
 
 
 def _tls_options(command):
@@ -105,9 +119,13 @@ def _tls_options(command):
                    "loses nothing [default: memory only].")
 @click.option("--result-ttl", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Drop results not collected after this long [default: $MPQUEUE_RESULT_TTL, else 86400].")
+@click.option("--history", type=click.IntRange(min=0), default=KEEP, show_default=True, metavar="N",
+              help="Keep the story of the last N finished jobs, for `mpqueue jobs` (in the journal too).")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Exit when stdin closes.")
+@_log_options
 @_tls_options
-def broker(host: str, port: int, journal: str | None, result_ttl: float | None, lifeline: bool) -> None:
+def broker(host: str, port: int, journal: str | None, result_ttl: float | None, history: int,
+           lifeline: bool) -> None:
     """Serve the job and result queues until `mpqueue shutdown`, SIGTERM or Ctrl-C.
 
     Prints `listening on HOST:PORT` once it accepts connections.
@@ -146,7 +164,7 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
 
     settings = SETTINGS if result_ttl is None else dataclasses.replace(SETTINGS, result_ttl=result_ttl)
     try:
-        _serve_broker((host, port), authkey, ready, settings, journal)
+        _serve_broker((host, port), authkey, ready, settings, journal, history)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -161,7 +179,7 @@ def _host_addresses() -> list[str]:
 
 
 def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
-                  settings: Settings = SETTINGS, journal: str | None = None) -> None:
+                  settings: Settings = SETTINGS, journal: str | None = None, history: int = KEEP) -> None:
     """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
 
     The manager server runs in this process (its threads serve connections);
@@ -184,7 +202,7 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
         raise ConfigError(f"MPQUEUE_MAX_PAYLOAD={settings.max_payload:.0f} is over the most this "
                           f"broker can carry in one message or store in its journal ({ceiling} bytes)")
     keep_freed_memory()
-    broker = Broker(settings, Journal(journal) if journal else None)
+    broker = Broker(settings, Journal(journal) if journal else None, history)
     server = BrokerServer(broker, address, authkey)
     server.start()
     try:
@@ -210,6 +228,7 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
               help="If the broker goes away, keep running jobs and try to reconnect for this long, "
                    "then stop [default: $MPQUEUE_RECONNECT_TIMEOUT, else 60].")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Stop (cold) when stdin closes.")
+@_log_options
 @_tls_options
 def worker(address: str | None, procs: int | None, max_tasks_per_child: int | None,
            max_memory_per_child: int | None, reconnect_timeout: float | None, lifeline: bool) -> None:
@@ -369,6 +388,105 @@ def _worker_table(workers: list[dict], wide: bool) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join(" ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
                      for row in rows)
+
+
+@main.command()
+@click.argument("address", required=False)
+@click.argument("job_id", metavar="[ID]", required=False, type=int)
+@click.option("--failed", is_flag=True, help="Only finished jobs that did not succeed.")
+@click.option("--running", is_flag=True, help="Only jobs running now.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, metavar="N",
+              help="Show at most N jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of jobs instead of a table.")
+@_tls_options
+def jobs(address: str | None, job_id: int | None, failed: bool, running: bool, limit: int, as_json: bool) -> None:
+    """Show recent jobs, newest first, and why each ended as it did.
+
+    \b
+    ADDRESS: HOST:PORT, HOST (port 5555) or tcp://HOST:PORT of the broker
+    [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]. The key: $MPQUEUE_AUTHKEY,
+    else ~/.config/mpqueue/authkey. With an ID: that job's attempts, and the
+    traceback of what it raised.
+
+    \b
+    Columns, one row per job (fitting 80 columns):
+      ID       the job's id             FUNCTION  its function's name
+      STATE    queued, held, running, retrying; or final: done, failed,
+               timed_out, lost, cancelled, shutdown
+      TRIES    its attempts so far      TIME      how long the last one ran
+      WORKER   the worker of the last attempt (the start of its id)
+      CAUSE    how it ended: raised TYPE: MESSAGE, timeout, died SIGNAL,
+               memory RSS, lost worker, cancelled
+    """
+    from .transport import connect
+
+    addr = parse_address(address)
+    broker, _ = connect(addr, resolve_authkey())
+    found = broker.jobs(limit, failed, running, job_id)
+    broker.close()
+    if job_id is not None and not found:
+        raise click.ClickException(f"no job {job_id} at {format_address(addr)}: not in flight, and not among "
+                                   "the finished jobs it keeps (--history)")
+    if as_json:
+        click.echo(json.dumps(found))
+    elif job_id is not None:
+        click.echo(_job_story(found[0]))
+    elif found:
+        click.echo(_job_table(found))
+    else:
+        click.echo("no jobs")
+
+
+def _job_table(found: list[dict]) -> str:
+    """`jobs`: one row per job, cut to 80 columns (the cause gives way)."""
+    rows = [["ID", "FUNCTION", "STATE", "TRIES", "TIME", "WORKER", "CAUSE"]]
+    for job in found:
+        last = job["attempts"][-1] if job["attempts"] else None
+        name = job["function"].rpartition(".")[2] or "?"
+        rows.append([str(job["id"]), name if len(name) <= 14 else name[:13] + "~", job["state"],
+                     str(len(job["attempts"])), _ran(last), (last["worker"] or "-")[:8] if last else "-",
+                     job["cause"] or "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines = [" ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[6]]) for row in rows]
+    return "\n".join(line if len(line) <= 80 else line[:79] + "~" for line in lines)
+
+
+def _job_story(job: dict) -> str:
+    """`jobs ADDRESS ID`: a job, each of its attempts, and the traceback of the last that raised."""
+    lines = [f"job {job['id']} {job['function'] or '?'}: {job['state']}"
+             + (f", {job['cause']}" if job["cause"] else ""),
+             f"  submitted {_when(job['submitted'])}"
+             + (f", finished {_when(job['finished'])}" if job["finished"] is not None else "")]
+    for n, attempt in enumerate(job["attempts"], 1):
+        where = f"worker {attempt['worker'] or '?'}" + (f" on {attempt['host']}" if attempt["host"] else "")
+        if attempt["pid"] is not None:
+            where += f" pid {attempt['pid']}"
+        how = f"{attempt['end']} {attempt['detail']}".rstrip()
+        span = f"{_when(attempt['started'])} to {_when(attempt['ended'])} ({_ran(attempt)})"
+        lines.append(f"  attempt {n}: {where}, {span}: {how}")
+    raised = [a for a in job["attempts"] if a["traceback"]]
+    if raised:
+        lines.append(f"traceback of attempt {job['attempts'].index(raised[-1]) + 1}:")
+        lines.append(raised[-1]["traceback"].rstrip())
+    return "\n".join(lines)
+
+
+def _when(stamp: float | None) -> str:
+    if stamp is None:
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
+
+
+def _ran(attempt: dict | None) -> str:
+    """How long an attempt ran (so far, if it runs): "0.52s", "3m07s", "2h05m"; "-" if unknown."""
+    if attempt is None or attempt["started"] is None:
+        return "-"
+    seconds = max(0.0, (attempt["ended"] or time.time()) - attempt["started"])
+    if seconds < 60:
+        return f"{seconds:.2f}s" if seconds < 10 else f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 @main.command()

@@ -43,7 +43,7 @@ class End(str, enum.Enum):
     TIMEOUT = "timeout"         # killed at the job's timeout
     CANCELLED = "cancelled"     # withdrawn by its client while a worker held it
     DIED = "died"               # its process died (detail: signal name or exit code)
-    MEMORY = "memory"           # killed for growing past --max-memory-per-child (detail: the RSS seen)
+    MEMORY = "memory"           # killed for growing past --max-memory-per-child (detail: RSS seen > limit)
     LOST = "lost"               # the broker lost its worker (connection closed, or silent)
     STOPPED = "stopped"         # its worker stopped cold and gave it back: not charged
     RUNNING = "running"         # not over: the attempt of a job running now, as `mpqueue jobs` shows it
@@ -78,7 +78,7 @@ class Attempt(NamedTuple):
     started: float | None       # wall clock; None: the broker never saw it start
     ended: float | None
     end: End
-    detail: str = ""            # "ValueError: bad input", "SIGSEGV", "exit code 3", "RSS 412 MiB"...
+    detail: str = ""            # "ValueError: bad input", "SIGSEGV", "exit code 3", "412 MiB > 400 MiB"...
     traceback: str = ""         # RAISED: the remote traceback (clipped: `protocol.RAISED_TRACEBACK`)
 
     @property
@@ -191,7 +191,7 @@ def reported(worker: str | None, host: str, status: Status, payload: Any, pid: i
                        f"after {failure.timeout:g} s" if failure.timeout is not None else "")
     if failure.rss is not None:
         return Attempt(worker, failure.host or host, failure.pid, started, ended, End.MEMORY,
-                       f"RSS {failure.rss >> 20} MiB" + (f" > {failure.limit >> 20} MiB" if failure.limit else ""))
+                       f"{failure.rss >> 20} MiB" + (f" > {failure.limit >> 20} MiB" if failure.limit else ""))
     if failure.signal or failure.exitcode is not None:
         return Attempt(worker, failure.host or host, failure.pid, started, ended, End.DIED,
                        failure.signal or f"exit code {failure.exitcode}")

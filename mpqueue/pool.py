@@ -29,6 +29,7 @@ Who owns what, in the worker and its children: docs/internals.md.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import pickle
@@ -58,9 +59,12 @@ from .protocol import (
     loads,
     out_of_band,
     pack_exception,
+    signal_name,
     too_large,
     unwrap_function,
 )
+
+log = logging.getLogger("mpqueue.worker")
 
 #: How many unpickled functions a child keeps, most recently used first.
 FUNCTION_CACHE = 32
@@ -271,12 +275,17 @@ class ProcessPool:
                     child.process.kill()
                     child.kill_at = None    # the sentinel follows
             elif task is not None and task.timeout is not None and now >= child.started + task.timeout:
+                log.warning("job %d ran past its timeout of %g s: killing pid %d", task.id, task.timeout, child.pid,
+                            extra={"event": "timeout_kill", "job": task.id, "pid": child.pid})
                 child.end(Outcome(task.id, Status.TIMEOUT,
                                   Failure.timed_out(child.pid, task.timeout, task.attempt), True))
             elif check_memory and self.max_memory and (rss := _rss(child)) > self.max_memory:
                 child.process.kill()
-                child.ending = Outcome(child.ids()[0], Status.LOST,
-                                       Failure.too_big(child.pid, rss, self.max_memory))
+                job_id = child.ids()[0]
+                log.warning("pid %d running job %d grew to %d MiB, past --max-memory-per-child of %d MiB: killed",
+                            child.pid, job_id, rss >> 20, self.max_memory >> 20,
+                            extra={"event": "memory_kill", "job": job_id, "pid": child.pid, "rss": rss})
+                child.ending = Outcome(job_id, Status.LOST, Failure.too_big(child.pid, rss, self.max_memory))
 
     def _reap(self, child: Child) -> tuple[list[Outcome], list[Item]]:
         child.process.join()
@@ -288,6 +297,12 @@ class ProcessPool:
         if not child.batch:
             return [], []
         ended = time.time()
+        if child.ending is None:
+            exitcode = child.process.exitcode
+            how = signal_name(exitcode) or f"exit code {exitcode}"
+            log.warning("pid %d died (%s) running job %s", child.pid, how, ", ".join(map(str, child.ids())),
+                        extra={"event": "child_died", "jobs": child.ids(), "pid": child.pid, "exitcode": exitcode,
+                               "signal": signal_name(exitcode)})
         if child.task is not None:      # it ran one job: that job is the one
             outcome = child.ending or Outcome(child.task.id, Status.LOST,
                                               Failure.died(child.pid, child.process.exitcode), True)

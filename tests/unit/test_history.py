@@ -58,7 +58,7 @@ def test_what_a_job_raised_is_kept_as_text_with_its_traceback(h):
     (Status.TIMEOUT, Failure.timed_out(42, 1.5, 1), State.TIMED_OUT, "timeout after 1.5 s"),
     (Status.LOST, Failure.died(42, -11), State.LOST, "died SIGSEGV"),
     (Status.LOST, Failure.died(42, 3), State.LOST, "died exit code 3"),
-    (Status.LOST, Failure.too_big(42, 300 << 20, 100 << 20), State.LOST, "memory RSS 300 MiB > 100 MiB"),
+    (Status.LOST, Failure.too_big(42, 300 << 20, 100 << 20), State.LOST, "memory 300 MiB > 100 MiB"),
 ])
 def test_a_process_that_dies_or_is_killed_says_how(h, status, failure, final, cause):
     h.worker()
