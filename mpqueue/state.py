@@ -565,7 +565,7 @@ class BrokerState:
             else:
                 job.attempts -= 1   # never started, or killed by its worker's cold stop
                 if job_id in worker.running:
-                    self._attempted(job, worker, now, End.STOPPED, "its worker stopped cold")
+                    self._attempted(job, worker, now, End.STOPPED, "by its worker's cold stop")
                     self._requeued(job, f"its worker {worker.id} stopped before it finished", None, False)
             self._requeue(job)
 
