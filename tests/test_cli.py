@@ -26,13 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", [[], ["broker"], ["worker"], ["status"], ["shutdown"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["broker"], ["worker"], ["status"], ["jobs"], ["shutdown"], ["demo"]])
 def test_every_command_has_useful_help(empty, command):
     result = empty.run(*command, "--help")
     assert result.returncode == 0
     assert "Usage: mpqueue" in result.stdout
     assert len(result.stdout.splitlines()) > 5
-    if command in (["worker"], ["status"], ["shutdown"]):
+    if command in (["worker"], ["status"], ["jobs"], ["shutdown"]):
         # Where the address and the key come from, and the defaults.
         assert "$MPQUEUE_ADDRESS" in result.stdout and "127.0.0.1:5555" in result.stdout
         assert "$MPQUEUE_AUTHKEY" in result.stdout and "authkey" in result.stdout
