@@ -154,10 +154,9 @@ class History:
     def __init__(self, keep: int = KEEP):
         self.keep = keep
         self._rows: deque[tuple] = deque(maxlen=keep)
-
-    def add(self, row: tuple) -> None:
-        """A job over: the oldest kept goes if there are ``keep`` already."""
-        self._rows.append(row)
+        #: Keep a job that is over (a row of `Record`): the oldest kept goes
+        #: if there are ``keep`` already. The deque's own method: once per job.
+        self.add = self._rows.append
 
     def get(self, job_id: int) -> Record | None:
         """A kept job (a walk from the newest: asked for by a person, now and then)."""

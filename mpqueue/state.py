@@ -794,8 +794,9 @@ class BrokerState:
             if holder is not None:
                 holder.held.discard(job.task.id)
             host = worker.host if worker else ""
-            if outcome.status is Status.OK:     # most: spares a call
-                attempt = attempt_row(session, host, outcome.pid, outcome.started, outcome.ended, End.RESULT)
+            attempt: tuple
+            if outcome.status is Status.OK:     # most: a `history.attempt_row`, spared the call
+                attempt = (session, host, outcome.pid, outcome.started, outcome.ended, End.RESULT, "", "")
             else:
                 attempt = reported(session, host, outcome.status, outcome.payload, outcome.pid, outcome.started,
                                    outcome.ended, outcome.raised)
@@ -970,7 +971,7 @@ class BrokerState:
         """Keep the story of a job that is over, in its final ``state``. Its
         ``cause`` defaults to how its last attempt ended."""
         story = job.story or ()
-        if not cause:
+        if not cause and state is not State.DONE:
             cause = cause_of(story[-1]) if story else _NEVER_RAN.get(state, "")
         row = (job.task.id, self._functions[job.task.fn][2], state, job.submitted + self.epoch, now + self.epoch,
                story, cause)
