@@ -283,12 +283,14 @@ class Broker:
                                             time.monotonic()), caller)
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
-               packages: dict[str, str | None] | None = None, *, caller: Caller | None = None) -> None:
+               packages: dict[str, str | None] | None = None, load: tuple[float, int] | None = None, *,
+               caller: Caller | None = None) -> None:
         """A worker's finished jobs, (version, ids) of the jobs its children run
-        now, and its versions of packages jobs asked for, when new."""
+        now, its versions of packages jobs asked for, when new, and its
+        children's CPU % and RSS, once a heartbeat."""
         with self._changing() as state:
             self._bind(caller, session, state)
-            state.report(session, outcomes, running, time.monotonic(), packages)
+            state.report(session, outcomes, running, time.monotonic(), packages, load)
 
     def release(self, session: str, job_ids: list[int], *, caller: Caller | None = None) -> None:
         """A stopping worker gives back jobs it fetched but never started."""

@@ -341,6 +341,35 @@ class ProcessPool:
             child.conn.close()
 
 
+class Load:
+    """The CPU and memory of a pool's children, read with psutil, for the
+    worker's heartbeat (`mpqueue status --watch`, the dashboard).
+
+    Read once a heartbeat, not per job: a reading costs two reads of /proc
+    per child. A child's CPU % is its CPU time since the previous reading
+    over the time between them (psutil's ``cpu_percent``), so the
+    `psutil.Process` of each child is kept from one reading to the next; a
+    child new since then counts from its first reading on."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, psutil.Process] = {}
+
+    def sample(self, pids: list[int]) -> tuple[float, int]:
+        """(CPU % of one core, summed; RSS in bytes, summed) of these children."""
+        known, self._processes = self._processes, {}
+        cpu, rss = 0.0, 0
+        for pid in pids:
+            try:
+                process = known.get(pid) or psutil.Process(pid)
+                with process.oneshot():
+                    cpu += process.cpu_percent(None)
+                    rss += process.memory_info().rss
+            except psutil.Error:
+                continue    # gone since: its replacement is read next time
+            self._processes[pid] = process
+        return round(cpu, 1), rss
+
+
 def _rss(child: Child) -> int:
     try:
         return psutil.Process(child.pid).memory_info().rss

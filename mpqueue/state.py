@@ -49,6 +49,7 @@ from .history import (
     cause_of,
     reported,
 )
+from .metrics import Throughput
 from .objects import SharedObjects
 from .protocol import (
     BATCH_BYTES,
@@ -149,6 +150,7 @@ class _Worker:
     lost: int = 0
     timed_out: int = 0
     retried: int = 0
+    load: tuple[float, int] | None = None   # its children's CPU % and RSS, as of its last heartbeat
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -244,6 +246,7 @@ class BrokerState:
         self._queue: list[tuple[int, int]] = []        # heap of (-priority, id); stale ids skipped
         self._queued = 0
         self._arrival_share = 0                        # `_share` of the queue after the latest submit
+        self._by_priority: dict[int, int] = {}         # priority -> jobs queued, for the dashboard
         self._delayed: list[tuple[float, int]] = []    # heap of (due, id): retries backing off
         self._functions: dict[bytes, list] = {}        # digest -> [blob, jobs using it]
         self._code: dict[bytes, bytes] = {}            # digest -> a bundle of shipped code (`shipping`)
@@ -253,6 +256,7 @@ class BrokerState:
         self.epoch = epoch
         self.history = History(history)
         self.counters = Counters()
+        self.throughput = Throughput()
         self._finished_now: list[tuple] = []           # rows of `Record`, for the journal (durable only)
         self._drain_deadline: float | None = None
         self._backlog = 0                              # most jobs held since memory was last released
@@ -595,9 +599,11 @@ class BrokerState:
     # -- the queue --------------------------------------------------------
 
     def _push(self, job: _Job) -> None:
-        heapq.heappush(self._queue, (-job.options.priority, job.task.id))
+        priority = job.options.priority
+        heapq.heappush(self._queue, (-priority, job.task.id))
         job.queued = True
         self._queued += 1
+        self._by_priority[priority] = self._by_priority.get(priority, 0) + 1
 
     def _unqueue(self, job: _Job) -> None:
         """Take a job out of the queue's count; its heap entry goes stale."""
@@ -606,6 +612,11 @@ class BrokerState:
             self._queued -= 1
             if not self._queued:
                 self._arrival_share = 0
+            priority = job.options.priority
+            if (left := self._by_priority[priority] - 1):
+                self._by_priority[priority] = left
+            else:
+                del self._by_priority[priority]
 
     def _requeue(self, job: _Job) -> None:
         self._attempt_over(job)
@@ -766,9 +777,11 @@ class BrokerState:
         return self._code.get(key)
 
     def report(self, session: str, outcomes: list[Outcome], running: tuple[int, list[int]],
-               now: float, packages: dict[str, str | None] | None = None) -> None:
+               now: float, packages: dict[str, str | None] | None = None,
+               load: tuple[float, int] | None = None) -> None:
         """A worker's finished jobs, and (version, ids) of the jobs its children
-        run now; ``packages``, its versions of packages jobs asked for, if new.
+        run now; ``packages``, its versions of packages jobs asked for, if new;
+        ``load``, its children's CPU % and RSS, sampled once a heartbeat.
 
         A result reported twice (sent again after a reconnect, or from a
         worker presumed lost) counts once: the first one wins."""
@@ -777,6 +790,8 @@ class BrokerState:
             worker.last_seen = now
             if packages:
                 worker.packages.update(packages)
+            if load is not None:
+                worker.load = load
             if running[0] >= worker.running_version:
                 now_running = set(running[1])
                 for job_id in now_running.difference(worker.running):     # started since its last report
@@ -1144,9 +1159,10 @@ class BrokerState:
     # -- upkeep -----------------------------------------------------------
 
     def tick(self, now: float) -> bool:
-        """Expire silent workers and departed clients and old results, and
-        drain on shutdown. Returns True once a shutdown has fully drained and
-        the broker may exit."""
+        """Expire silent workers and departed clients and old results, take
+        a reading of the throughput, and drain on shutdown. Returns True once
+        a shutdown has fully drained and the broker may exit."""
+        self.throughput.sample(now, self.counters.done + self.counters.failed)
         for worker in list(self._workers.values()):
             if now - worker.last_seen > self.settings.heartbeat_timeout:
                 why = f"silent for {now - worker.last_seen:.0f} s"
@@ -1253,10 +1269,12 @@ class BrokerState:
             "done": w.done, "failed": w.failed, "lost": w.lost,
             "timed_out": w.timed_out, "retried": w.retried, **w.versions, "packages": dict(w.packages),
             "last_seen": wall - (now - w.last_seen),
+            "cpu": w.load and w.load[0], "rss": w.load and w.load[1],
         } for w in self._workers.values()]
         return {
             "workers": workers,
             "queued": self._queued + backing_off + sum(w["queued"] for w in workers),
+            "by_priority": {str(p): n for p, n in sorted(self._by_priority.items(), reverse=True)},
             "running": sum(w["running"] for w in workers),
             "done": self.counters.done,
             "failed": self.counters.failed,
@@ -1266,6 +1284,7 @@ class BrokerState:
             "results": sum(len(c.results) for c in self._clients.values()),   # not yet collected
             "shutting_down": self.closing(),
             "shared": self.shared.listing(),
+            "throughput": self.throughput.rates(now, self.counters.done + self.counters.failed),
         }
 
 

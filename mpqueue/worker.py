@@ -42,7 +42,7 @@ from . import __version__, shm
 from .config import SETTINGS, format_address
 from .errors import BrokerUnavailable
 from .handshake import VERSIONS
-from .pool import ProcessPool
+from .pool import Load, ProcessPool
 from .protocol import Task, WorkerHello, batch_length, payload_size, unwrap_function
 from .shipping import Header, bundle_path, installed, store
 from .transport import Reconnecting, connect, reach_broker
@@ -122,6 +122,8 @@ class Worker:
         self._reporting = False
         self._fetcher_waits = False         # the fetch thread waits for room
         self._heartbeat = SETTINGS.heartbeat_interval
+        self._load = Load()                     # the children's CPU and RSS: read by the report thread
+        self._load_at = 0.0                     # when it reads them next (monotonic)
         self._max_payload = int(SETTINGS.max_payload)    # the broker's, once registered
         self._broker_id: str | None = None     # which broker we registered with
         self._orphans: set[int] = set()         # running jobs the broker no longer knows: not reported
@@ -496,8 +498,13 @@ class Worker:
             self._reporting_now = outcomes
             running, broker_id = self._running, self._broker_id
             packages, self._packages_new = self._packages_new, {}
+            pids = [c.pid for c in self._pool.children] if self._pool else []
+        load = None
+        if time.monotonic() >= self._load_at:   # once a heartbeat, however often it reports
+            load = self._load.sample(pids)
+            self._load_at = time.monotonic() + self._heartbeat
         try:
-            self.broker.report(self.id, outcomes, running, packages or None)
+            self.broker.report(self.id, outcomes, running, packages or None, load)
         except BrokerUnavailable:
             self._hold(outcomes, broker_id, packages)
             raise

@@ -214,9 +214,10 @@ def test_a_goodbye_drops_the_clients_jobs_and_asks_workers_for_unstarted_ones(h)
     h.report(started.id, running=(2, []))        # it finishes; nobody to tell
     assert h.state.status(0.0, 0.0) | {"workers": None} == {
         "workers": None, "queued": 0, "running": 0, "done": 1, "failed": 0, "clients": 0, "results": 0,
-        "shutting_down": False, "shared": [], "history": 3,
+        "shutting_down": False, "shared": [], "history": 3, "by_priority": {},
         "counters": {"submitted": 3, "done": 1, "failed": 0, "cancelled": 2, "retried": 0, "lost": 0,
-                     "timed_out": 0}}
+                     "timed_out": 0},
+        "throughput": {"10s": 0.0, "1m": 0.0, "step": 10, "per_step": [0.0] * 60}}
 
 
 def test_a_disconnect_is_a_loss_only_on_the_last_connection(h):
