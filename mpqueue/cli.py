@@ -294,14 +294,19 @@ def _start_forkserver() -> None:
 @click.argument("address", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--wide", is_flag=True, help="Every column: pid, timed out, retried, versions.")
+@click.option("--watch", is_flag=True,
+              help="Refresh until Ctrl-C: totals, throughput and each worker's load (CPU, memory); "
+                   "one line per refresh when not in a terminal.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, metavar="SECONDS",
+              help="With --watch: how often.")
 @_tls_options
-def status(address: str | None, as_json: bool, wide: bool) -> None:
+def status(address: str | None, as_json: bool, wide: bool, watch: bool, interval: float) -> None:
     """Show the broker's workers and job counts.
 
     \b
     ADDRESS: HOST:PORT, HOST (port 5555) or tcp://HOST:PORT of the broker
     [default: $MPQUEUE_ADDRESS, else 127.0.0.1:5555]. The key: $MPQUEUE_AUTHKEY,
-    else ~/.config/mpqueue/authkey.
+    else ~/.config/mpqueue/authkey. With --watch: see docs/observability.md.
 
     \b
     Columns, one row per worker (the table fits 80 columns; --wide adds more):
@@ -318,8 +323,18 @@ def status(address: str | None, as_json: bool, wide: bool) -> None:
     """
     from .transport import connect
 
+    if watch and as_json:
+        raise click.UsageError("--watch and --json do not go together: poll status --json instead")
     addr = parse_address(address)
     broker, _ = connect(addr, resolve_authkey())
+    if watch:
+        from . import watch as watching
+
+        try:
+            watching.run(broker.status, format_address(addr), interval)
+        finally:
+            broker.close()
+        return
     info = broker.status()
     broker.close()
     if as_json:
