@@ -121,14 +121,19 @@ def _tls_options(command):
               help="Drop results not collected after this long [default: $MPQUEUE_RESULT_TTL, else 86400].")
 @click.option("--history", type=click.IntRange(min=0), default=KEEP, show_default=True, metavar="N",
               help="Keep the story of the last N finished jobs, for `mpqueue jobs` (in the journal too).")
+@click.option("--dashboard", type=click.IntRange(0, 65535), default=None, metavar="PORT",
+              help="Also serve a live page, /metrics for Prometheus and a JSON API on PORT of --host "
+                   "(0: any free port), behind a token derived from the authkey.")
 @click.option("--lifeline", is_flag=True, hidden=True, help="Exit when stdin closes.")
 @_log_options
 @_tls_options
 def broker(host: str, port: int, journal: str | None, result_ttl: float | None, history: int,
-           lifeline: bool) -> None:
+           dashboard: int | None, lifeline: bool) -> None:
     """Serve the job and result queues until `mpqueue shutdown`, SIGTERM or Ctrl-C.
 
-    Prints `listening on HOST:PORT` once it accepts connections.
+    Prints `listening on HOST:PORT` once it accepts connections; with
+    --dashboard, then the page's address with its token, on a line of its
+    own (over HTTPS with --tls-cert and --tls-key). See docs/observability.md.
     """
     had_key = bool(os.environ.get("MPQUEUE_AUTHKEY")) or authkey_path().exists()
     loopback = is_loopback(host)
@@ -147,7 +152,7 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
     if lifeline:
         _watch_lifeline(lambda: os.kill(os.getpid(), signal.SIGTERM))
 
-    def ready(address):
+    def ready(address, dashboard_url):
         broker_log.info("authkey %s", source)
         if tls is not None:
             broker_log.info(
@@ -161,10 +166,12 @@ def broker(host: str, port: int, journal: str | None, result_ttl: float | None, 
             line += (f" (workers reach it at {reachable})" if reachable
                      else " (this host has no address but loopback)")
         click.echo(line)
+        if dashboard_url:
+            click.echo(dashboard_url)
 
     settings = SETTINGS if result_ttl is None else dataclasses.replace(SETTINGS, result_ttl=result_ttl)
     try:
-        _serve_broker((host, port), authkey, ready, settings, journal, history)
+        _serve_broker((host, port), authkey, ready, settings, journal, history, dashboard)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
@@ -178,14 +185,16 @@ def _host_addresses() -> list[str]:
             if a.family == socket.AF_INET and not a.address.startswith("127.")]
 
 
-def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[tuple[str, int]], None],
-                  settings: Settings = SETTINGS, journal: str | None = None, history: int = KEEP) -> None:
+def _serve_broker(address: tuple[str, int], authkey: bytes,
+                  on_ready: Callable[[tuple[str, int], str | None], None], settings: Settings = SETTINGS,
+                  journal: str | None = None, history: int = KEEP, dashboard: int | None = None) -> None:
     """Run a broker until shutdown drains it, or until SIGTERM/SIGINT.
 
     The manager server runs in this process (its threads serve connections);
     this thread waits on the cluster's shutdown event and does the upkeep.
     With ``journal`` (a path), state is kept in, and first loaded from, that
-    SQLite file.
+    SQLite file. With ``dashboard`` (a port), the dashboard's server runs in
+    threads of this process too; ``on_ready`` gets the page's URL.
     """
     from .broker import Broker
     from .connection import MAX_MESSAGE, keep_freed_memory
@@ -205,8 +214,18 @@ def _serve_broker(address: tuple[str, int], authkey: bytes, on_ready: Callable[[
     broker = Broker(settings, Journal(journal) if journal else None, history)
     server = BrokerServer(broker, address, authkey)
     server.start()
+    url = None
+    if dashboard is not None:
+        from .dashboard import Dashboard
+
+        try:
+            board = Dashboard(broker, (address[0], dashboard), authkey, resolve_tls())
+        except OSError as e:
+            raise ConfigError(f"cannot serve the dashboard on {address[0]}:{dashboard}: {e.strerror or e}") from None
+        board.start()
+        url = board.url
     try:
-        on_ready(cast("tuple[str, int]", server.address))   # the socket's, once bound
+        on_ready(cast("tuple[str, int]", server.address), url)   # the socket's, once bound
         broker.upkeep()
         broker_log.info("shut down")
     except KeyboardInterrupt:

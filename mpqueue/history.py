@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import deque
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Container, Iterable, Iterator, NamedTuple
 
 from .protocol import Failure, Raised, Status
 
@@ -165,8 +165,15 @@ class History:
                 return Record.from_row(row)
         return None
 
-    def newest(self) -> Iterator[Record]:
-        return (Record.from_row(row) for row in reversed(self._rows))
+    def newest(self, states: Container[State] | None = None) -> Iterator[Record]:
+        """The kept jobs, newest first; with ``states``, only those in one of
+        them, picked from the rows before any is made a `Record` (a walk of
+        the ring for a few failures, under the broker's lock, each second
+        the dashboard is open)."""
+        rows: Iterable[tuple] = reversed(self._rows)
+        if states is not None:
+            rows = (row for row in rows if row[2] in states)
+        return (Record.from_row(row) for row in rows)
 
     def __len__(self) -> int:
         return len(self._rows)

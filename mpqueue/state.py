@@ -1233,7 +1233,7 @@ class BrokerState:
             ids = [i for worker in self._workers.values() for i in worker.running if i in self._jobs]
             records += [self._in_flight(self._jobs[i], now) for i in ids]
         if failed:
-            records += itertools.islice((r for r in self.history.newest() if r.state in _FAILED), limit)
+            records += itertools.islice(self.history.newest(_FAILED), limit)
         if not (failed or running):
             records += [self._in_flight(job, now) for job in itertools.islice(reversed(self._jobs.values()), limit)]
             records += itertools.islice(self.history.newest(), limit)

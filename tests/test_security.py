@@ -14,12 +14,15 @@ import os
 import secrets
 import select
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import cloudpickle
@@ -482,3 +485,18 @@ def test_a_wrong_key_traceback_shows_no_internals_of_ours(cluster):
         Client(cluster.address, authkey="not-the-key")
     printed = "".join(traceback.format_exception(info.value))
     assert "ForkAwareLocal" not in printed and "During handling" not in printed
+
+
+def test_the_dashboard_serves_https_with_the_brokers_certificate(empty, pki):
+    empty.start_broker(*tls_args(pki, "broker"), "--dashboard", "0")
+    url = empty.broker.stdout.readline().decode().strip()   # printed with the first line
+    assert url.startswith("https://127.0.0.1:"), url
+    context = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+    context.check_hostname = False      # the test's certificate names no address; its chain is checked
+    base, token = url.split("/?token=")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{base}/metrics", context=context, timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+        assert b"mpqueue_jobs_submitted_total 0" in answer.read()
