@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import threading
 import time
 import uuid
@@ -257,7 +256,7 @@ class Broker:
         """Remove shared-memory payload files of this host that no job here
         refers to and whose writer died (`shm.sweep`). Called by the main
         thread at start and then every few seconds."""
-        candidates = shm.orphans(os.getpid())     # most often none: then the jobs need no look
+        candidates = shm.orphans(self.shm_probe)     # most often none: then the jobs need no look
         if not candidates:
             return
         with self._lock:

@@ -22,10 +22,11 @@ host: the result of a worker that has left, waiting for its client). A
 broker with a journal copies the bytes into it (durability first), and
 removes those files when it starts again from it.
 
-File names: ``mpqueue-NAME-BROKER-OWNER-WRITER.N``: NAME the first 12
-characters of the client's session or the worker's id, then process ids:
-the broker's (from its probe file: `tag`), the owner's, the writer's. A
-broker's probe file is ``mpqueue-RANDOM-BROKER-BROKER.probe``.
+File names: ``mpqueue-NAME-TOKEN-BROKER-OWNER-WRITER.N``: NAME the first
+12 characters of the client's session or the worker's id, TOKEN and BROKER
+the random token and pid of the broker's probe file
+(``mpqueue-TOKEN-BROKER-BROKER.probe``: `tag`), then the owner's and the
+writer's pids.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def available() -> bool:
 
 def tag(name: str, probe_path: str) -> str:
     """What `write` names files with: whose they are (a client's session, a
-    worker's id) and which broker's (the one whose `probe` this is)."""
-    pids = _pids(os.path.basename(probe_path))
-    return f"{name[:12]}-{pids[1] if pids else 0}"
+    worker's id) and which broker's (the one whose `probe` this is: its
+    random token, and its pid)."""
+    _, broker, token = _parse(os.path.basename(probe_path)) or (0, 0, "0")
+    return f"{name[:12]}-{token}-{broker}"
 
 
 def write(data: bytes | bytearray, tag: str, owner: int | None = None) -> bytes | None:
@@ -137,37 +139,40 @@ def remove(path: str) -> None:
         pass
 
 
-def orphans(broker: int) -> list[str]:
+def orphans(probe_path: str) -> list[str]:
     """The payload files on this host whose owner has died, and that are the
-    ``broker``'s (a pid) or a dead broker's: candidates for removal, unless
-    one of the broker's jobs or results still refers to one (`sweep`). A
-    live owner's file may be on its way to a broker, and another live
-    broker's may be what it still hands on: they stay."""
+    broker's whose `probe` this is, or a dead broker's: candidates for
+    removal, unless one of the broker's jobs or results still refers to one
+    (`sweep`). A live owner's file may be on its way to a broker, and another
+    live broker's may be what it still hands on (two private clusters in one
+    process have the same pid, not the same token): they stay."""
+    mine = _parse(os.path.basename(probe_path))
     try:
         names = os.listdir(DIRECTORY)
     except OSError:
         return []
     return [os.path.join(DIRECTORY, name) for name in names
-            if (pids := _pids(name)) is not None and not _alive(pids[0])
-            and (pids[1] == broker or not _alive(pids[1]))]
+            if (found := _parse(name)) is not None and not _alive(found[0])
+            and ((mine is not None and found[2] == mine[2]) or not _alive(found[1]))]
 
 
 def is_payload_file(path: str) -> bool:
     """Whether ``path`` names a payload file (`write`, `probe`): what a
     broker agrees to read for a process that cannot (`Broker.payload`)."""
-    return os.path.dirname(path) == DIRECTORY and _pids(os.path.basename(path)) is not None
+    return os.path.dirname(path) == DIRECTORY and _parse(os.path.basename(path)) is not None
 
 
-def _pids(name: str) -> tuple[int, int] | None:
-    """(owner, broker) of a payload or probe file by its name, None for
-    another file."""
+def _parse(name: str) -> tuple[int, int, str] | None:
+    """(owner pid, broker pid, broker token) of a payload or probe file by
+    its name, None for another file."""
     parts = name.split("-")
-    if parts[0] != "mpqueue" or not all(p.isdigit() for p in parts[2:-1]):
+    if parts[0] != "mpqueue":
         return None
-    if len(parts) == 5 and parts[4].partition(".")[0].isdigit():
-        return int(parts[3]), int(parts[2])
-    if len(parts) == 4 and parts[3].endswith(".probe"):
-        return int(parts[2]), int(parts[2])
+    if (len(parts) == 6 and parts[2].isalnum() and all(p.isdigit() for p in parts[3:5])
+            and parts[5].partition(".")[0].isdigit()):
+        return int(parts[4]), int(parts[3]), parts[2]
+    if len(parts) == 4 and parts[1].isalnum() and parts[2].isdigit() and parts[3] == f"{parts[2]}.probe":
+        return int(parts[2]), int(parts[2]), parts[1]
     return None
 
 

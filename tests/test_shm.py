@@ -25,7 +25,7 @@ BIG = 2 << 20
 def ours(pids) -> list[str]:
     """The payload files written by these processes."""
     return [p for p in glob.glob(os.path.join(shm.DIRECTORY, "mpqueue-*"))
-            if (owner := shm._pids(os.path.basename(p))) is not None and owner[0] in pids]
+            if (found := shm._parse(os.path.basename(p))) is not None and found[0] in pids]
 
 
 def produce(size: int) -> bytes:
@@ -194,23 +194,29 @@ def test_arguments_whose_file_is_gone_fail_their_job_saying_so(cluster):
 
 
 def test_a_broker_sweeps_only_its_own_files_and_those_of_a_dead_broker():
-    """Two brokers on one host: a result file whose writer is gone (its
-    worker left) but that a live broker still hands on is not another
-    broker's to remove; once that broker is gone too, any broker removes it."""
+    """Two brokers on one host (or two private clusters in one process): a
+    result file whose writer is gone (its worker left) but that a live broker
+    still hands on is not another broker's to remove; once that broker is
+    gone too, any broker removes it."""
     other_broker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead_owner = subprocess.Popen([sys.executable, "-c", "pass"])
     dead_owner.wait()
-    probe = os.path.join(shm.DIRECTORY, f"mpqueue-0123456789ab-{other_broker.pid}-{other_broker.pid}.probe")
-    reference = shm.write(b"a result", shm.tag("worker123456", probe), owner=dead_owner.pid)
-    assert reference is not None
-    path = shm.path_of(reference)
+    other = os.path.join(shm.DIRECTORY, f"mpqueue-0123456789ab-{other_broker.pid}-{other_broker.pid}.probe")
+    same_process = os.path.join(shm.DIRECTORY, f"mpqueue-ba9876543210-{os.getpid()}-{os.getpid()}.probe")
+    mine = os.path.join(shm.DIRECTORY, f"mpqueue-ffffffffffff-{os.getpid()}-{os.getpid()}.probe")
+    references = [shm.write(b"a result", shm.tag("worker123456", probe), owner=dead_owner.pid)
+                  for probe in (other, same_process)]
+    assert None not in references
+    theirs, neighbours = [shm.path_of(r) for r in references]
     try:
-        assert path not in shm.orphans(os.getpid())             # another live broker's
-        assert path in shm.orphans(other_broker.pid)            # its own broker's, owner dead
+        assert {theirs, neighbours} & set(shm.orphans(mine)) == set()
+        assert theirs in shm.orphans(other)             # its own broker's, its owner dead
+        assert neighbours in shm.orphans(same_process)
         other_broker.kill()
         other_broker.wait()
-        assert path in shm.orphans(os.getpid())                 # its broker died too
+        assert theirs in shm.orphans(mine)              # its broker died too
     finally:
         other_broker.kill()
         other_broker.wait()
-        shm.remove(path)
+        shm.remove(theirs)
+        shm.remove(neighbours)
