@@ -370,12 +370,12 @@ class Client(_Submitter, concurrent.futures.Executor):
         self._failure: BaseException | None = None
         self._ack = self._acked = 0     # the last result number received, and acknowledged
         self._collecting_for: int | None = None  # a thread waiting on this job's result collects (_collect_for)
-        self._broker, _ = connect(self.address, authkey)
         if reconnect_timeout is None:
             # Nobody restarts a private cluster's broker: no point waiting for one.
             reconnect_timeout = 0 if self._cluster else SETTINGS.reconnect_timeout
-        self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout, self._broker)
         try:
+            self._broker, _ = connect(self.address, authkey)
+            self._link = Reconnecting(self.address, self._rejoin, reconnect_timeout, self._broker)
             reply = self._broker.register(self.session, ClientHello(os.getpid(), __version__))
             self._max_payload: int = reply.max_payload
             # Where the broker's /dev/shm is ours too, large arguments go through it (`shm`).

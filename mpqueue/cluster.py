@@ -73,13 +73,19 @@ class LocalCluster:
         forked = _single_threaded() and sys.platform.startswith("linux")
         if forked:
             self.processes.append(_fork_worker(self.address, self.authkey, procs, listening))
-        # Imported here (while a forked worker imports its own modules): a
-        # client of a remote cluster needs none of the broker.
-        from .broker import Broker
-        from .transport import BrokerServer
+        try:
+            # Imported here (while a forked worker imports its own modules): a
+            # client of a remote cluster needs none of the broker.
+            from .broker import Broker
+            from .transport import BrokerServer
 
-        self.broker = Broker(SETTINGS)
-        self._server = BrokerServer(self.broker, listening, self.authkey)
+            self.broker = Broker(SETTINGS)
+            self._server = BrokerServer(self.broker, listening, self.authkey)
+        except BaseException:       # a bad $MPQUEUE_TLS_*, say: no worker left waiting
+            listening.close()
+            for process in self.processes:
+                stop_process(process, 1.0)
+            raise
         self._server.start()
         broker_log = logging.getLogger("mpqueue.broker")
         if broker_log.level == logging.NOTSET:      # as quiet as a broker process of ours
@@ -135,12 +141,34 @@ def _fork_worker(address: tuple[str, int], authkey: bytes, procs: int | None,
         os.setsid()
         if _die_with(parent):
             listening.close()
+            _let_go_of_descriptors()
             gc.freeze()     # this process's objects are not ours to collect (nor their finalizers to run)
             code = _run_worker(address, authkey, procs)
     except BaseException:
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _let_go_of_descriptors() -> None:
+    """Point every descriptor the client had open, past stdin, stdout and
+    stderr, at /dev/null (fork copies them all, close-on-exec or not): a pipe
+    to a program the client feeds would never see its end while the cluster
+    runs, a lock held by an open file never be released. Pointed, not closed:
+    a Python object of the client's that still holds one could otherwise
+    close a descriptor of the worker's that took its number."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+            if fd > 2 and fd != null:
+                try:
+                    os.fstat(fd)        # the directory listed is closed already
+                    os.dup2(null, fd)
+                except OSError:
+                    pass
+    finally:
+        os.close(null)
+    signal.set_wakeup_fd(-1)            # the client's event loop's, if any
 
 
 def _die_with(parent: int) -> bool:
@@ -202,7 +230,11 @@ class _Forked:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:   # reaped by someone else (SIGCHLD ignored, a child watcher)
+                self.returncode = 0
+                return 0
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode

@@ -270,3 +270,27 @@ def test_kill_9_of_a_client_takes_its_private_cluster_down(isolated, tmp_path, t
     finally:
         client.stdout.close()
         kill_tree(client.pid)
+
+
+PIPE_SCRIPT = '''
+import subprocess, sys, time
+from mpqueue import Client
+reader = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+with Client() as client:
+    assert client.submit(abs, -1).result(30) == 1
+    reader.stdin.close()        # the reader sees the end of its input now, not when the cluster stops
+    start = time.monotonic()
+    reader.wait(20)
+    print("reader done after %.1f s, the cluster still up: %s" % (time.monotonic() - start,
+                                                                  client.submit(abs, -2).result(30)))
+'''
+
+
+def test_a_private_cluster_keeps_none_of_its_clients_open_files(isolated, tmp_path):
+    """The forked worker (and its first children) must not hold the pipes,
+    sockets and files the client had open when it forked."""
+    script = tmp_path / "script.py"
+    script.write_text(PIPE_SCRIPT)
+    done = __import__("subprocess").run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("reader done after 0.") and done.stdout.strip().endswith("still up: 2"), done.stdout
