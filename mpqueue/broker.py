@@ -53,6 +53,8 @@ log = logging.getLogger("mpqueue.broker")
 
 #: How often a broker removes shared-memory payload files left by dead processes (`shm.sweep`).
 SWEEP_INTERVAL = 5.0
+#: The most jobs one `jobs` call lists (`mpqueue jobs --limit`).
+MAX_JOBS_LISTED = 10_000
 
 
 def _first_id() -> int:
@@ -430,9 +432,10 @@ class Broker:
 
     def jobs(self, limit: int = 20, failed: bool = False, running: bool = False, job_id: int | None = None, *,
              caller: Caller | None = None) -> list[dict]:
-        """Jobs for `mpqueue jobs`: see `BrokerState.jobs`."""
+        """Jobs for `mpqueue jobs`: see `BrokerState.jobs`. At most
+        `MAX_JOBS_LISTED`: they are made under the lock the job path needs."""
         with self._lock:
-            return self._state.jobs(time.monotonic(), limit, failed, running, job_id)
+            return self._state.jobs(time.monotonic(), min(limit, MAX_JOBS_LISTED), failed, running, job_id)
 
     def status(self, *, caller: Caller | None = None) -> dict:
         """Counts for `mpqueue status`: queued = not started, running = in a child now."""

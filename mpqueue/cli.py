@@ -212,19 +212,20 @@ def _serve_broker(address: tuple[str, int], authkey: bytes,
                           f"broker can carry in one message or store in its journal ({ceiling} bytes)")
     keep_freed_memory()
     broker = Broker(settings, Journal(journal) if journal else None, history)
-    server = BrokerServer(broker, address, authkey)
-    server.start()
-    url = None
-    if dashboard is not None:
-        from .dashboard import Dashboard
-
-        try:
-            board = Dashboard(broker, (address[0], dashboard), authkey, resolve_tls())
-        except OSError as e:
-            raise ConfigError(f"cannot serve the dashboard on {address[0]}:{dashboard}: {e.strerror or e}") from None
-        board.start()
-        url = board.url
     try:
+        server = BrokerServer(broker, address, authkey)
+        server.start()
+        url = None
+        if dashboard is not None:
+            from .dashboard import Dashboard
+
+            try:
+                board = Dashboard(broker, (address[0], dashboard), authkey, resolve_tls())
+            except OSError as e:
+                raise ConfigError(f"cannot serve the dashboard on {address[0]}:{dashboard}: "
+                                  f"{e.strerror or e}") from None
+            board.start()
+            url = board.url
         on_ready(cast("tuple[str, int]", server.address), url)   # the socket's, once bound
         broker.upkeep()
         broker_log.info("shut down")

@@ -46,6 +46,10 @@ log = logging.getLogger("mpqueue.broker")
 SNAPSHOT_AGE = 0.5
 #: The most jobs /api/jobs lists at once.
 MAX_JOBS = 200
+#: Connections served at once; past this, a new one is closed at once.
+MAX_CONNECTIONS = 64
+#: A connection silent this long (no request, or a TLS handshake unfinished) is closed.
+IDLE_TIMEOUT = 15.0
 
 
 def token(authkey: bytes) -> str:
@@ -97,11 +101,15 @@ class Dashboard:
 
     def snapshot(self, key: tuple, take: Callable[[], Any]) -> Any:
         """What ``take()`` returned for ``key`` within `SNAPSHOT_AGE` s, else
-        its answer now: many viewers cost the broker's lock what one does."""
+        its answer now: many viewers cost the broker's lock what one does.
+        Older answers are dropped as new ones come (a script asking for each
+        of its jobs by id would otherwise grow this for ever)."""
         with self._snapshot_lock:
             now = time.monotonic()
             taken = self._snapshots.get(key)
             if taken is None or now - taken[0] > SNAPSHOT_AGE:
+                for old in [k for k, (at, _) in self._snapshots.items() if now - at > SNAPSHOT_AGE]:
+                    del self._snapshots[old]
                 taken = self._snapshots[key] = (now, take())
             return taken[1]
 
@@ -112,21 +120,55 @@ class Dashboard:
         """`mpqueue jobs --json`'s list: ``limit``, ``failed``, ``running`` and ``id`` as its options."""
         def flag(name: str) -> bool:
             return query.get(name, [""])[0] in ("1", "true", "yes")
-        limit = min(MAX_JOBS, max(1, int(query.get("limit", ["20"])[0])))
-        job_id = int(query["id"][0]) if "id" in query else None
+        try:
+            limit = min(MAX_JOBS, max(1, int(query.get("limit", ["20"])[0])))
+            job_id = int(query["id"][0]) if "id" in query else None
+        except ValueError:
+            raise BadQuery("limit and id are numbers") from None
         key = ("jobs", limit, flag("failed"), flag("running"), job_id)
         return self.snapshot(key, lambda: self.broker.jobs(limit, flag("failed"), flag("running"), job_id))
 
 
+class BadQuery(ValueError):
+    """A query the dashboard's API cannot read: answered 400."""
+
+
 class _Server(ThreadingHTTPServer):
-    """The standard library's server, on IPv6 too, with its `Dashboard`."""
+    """The standard library's server, on IPv6 too, with its `Dashboard`.
+    At most `MAX_CONNECTIONS` at once, each closed after `IDLE_TIMEOUT` s of
+    silence: the port answers anyone (the token is checked per request), and
+    connections that say nothing must not take the broker's threads and
+    file descriptors, which its workers and clients need."""
 
     daemon_threads = True
+    request_queue_size = 128    # the stdlib's 5 drops a burst of connections for seconds
 
     def __init__(self, address: tuple[str, int], dashboard: Dashboard):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.dashboard = dashboard
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)      # too many at once: closed, as the broker's own port does
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """A peer that reset, or spoke plain HTTP to HTTPS: the debug log, not
+        a traceback on stderr (which would break --log-format json)."""
+        log.debug("dashboard connection from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -135,6 +177,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "mpqueue-dashboard"
     protocol_version = "HTTP/1.1"       # keep-alive: a page polling each second reuses its connection
+    timeout = IDLE_TIMEOUT              # a silent connection (or TLS handshake) is closed after this
 
     def do_GET(self) -> None:
         dashboard = self.server.dashboard
@@ -156,8 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, json.dumps(dashboard.jobs(query)).encode(), "application/json")
             else:
                 self._send(404, b"404: no such page: /, /metrics, /api/status, /api/jobs\n", "text/plain")
-        except ValueError:
-            self._send(400, b"400: limit and id are numbers\n", "text/plain")
+        except BadQuery as e:
+            self._send(400, f"400: {e}\n".encode(), "text/plain")
 
     def _send(self, code: int, body: bytes, kind: str, headers: dict[str, str] | None = None) -> None:
         self.send_response(code)

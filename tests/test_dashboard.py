@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+import psutil
 import pytest
+
+from mpqueue import dashboard
 
 pytestmark = pytest.mark.slow
 
@@ -176,3 +180,25 @@ def test_the_page_shows_the_cluster_live_in_a_browser(empty, board, tmp_path):
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_silent_connections_take_neither_the_brokers_threads_nor_its_jobs(empty, board):
+    """Anyone who reaches the port may connect: connections that say nothing
+    are capped and timed out, and the broker serves its workers meanwhile."""
+    empty.start_worker(1)
+    client = empty.client()
+    assert client.submit(abs, -4).result(30) == 4
+    host, port = urlsplit(board.url).netloc.rsplit(":", 1)
+    before = psutil.Process(empty.broker.pid).num_threads()
+    silent = [socket.create_connection((host, int(port))) for _ in range(dashboard.MAX_CONNECTIONS + 8)]
+    try:
+        time.sleep(1)
+        threads = psutil.Process(empty.broker.pid).num_threads()
+        assert threads <= before + dashboard.MAX_CONNECTIONS + 4, (before, threads)   # a few of its clients
+        assert client.submit(abs, -5).result(30) == 5
+        for s in silent[dashboard.MAX_CONNECTIONS:]:      # the ones past the cap were closed at once
+            s.settimeout(5)
+            assert s.recv(1) == b""
+    finally:
+        for s in silent:
+            s.close()
