@@ -49,11 +49,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 
 import psutil
+from netns import ROOT, Namespaces
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADDRESSES = {"br": "10.232.0.1", "w": "10.232.0.2"}
 CEILING_PORT = 7411
 JOBS, SIZE = 100, 1 << 20
@@ -118,27 +117,15 @@ RECEIVER = textwrap.dedent("""
 """)
 
 
-class Net:
+class Net(Namespaces):
     """The two namespaces, and every process started in them."""
 
     def __init__(self, ip: str, env: dict):
-        self.ip = ip
-        self.env = env
-        self.run_id = "mpqb" + uuid.uuid4().hex[:8]
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-
-    def ns(self, role: str) -> str:
-        return f"{self.run_id}-{role}"
-
-    def sh(self, *args: str) -> None:
-        subprocess.run([self.ip, *args], check=True, capture_output=True, text=True, timeout=10)
+        super().__init__(ip, env, "mpqb")
 
     def build(self) -> None:
         for role in ADDRESSES:
-            self.sh("netns", "add", self.ns(role))
-            self.namespaces.append(self.ns(role))
-            self.sh("-n", self.ns(role), "link", "set", "lo", "up")
+            self.add(role)
         self.sh("-n", self.ns("br"), "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
                 "netns", self.ns("w"))
         for role, address in ADDRESSES.items():
@@ -149,35 +136,7 @@ class Net:
         """``command`` in a namespace; in w, with a /dev/shm of its own."""
         if role == "w":
             command = ["sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *command]
-        proc = subprocess.Popen([self.ip, "netns", "exec", self.ns(role), *command], env=self.env, cwd=ROOT,
-                                **kwargs)
-        self.procs.append(proc)
-        return proc
-
-    def close(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL with its children), then
-        delete the namespaces (the veth pair goes with them)."""
-        try:
-            for proc in reversed(self.procs):
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in self.procs:
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    try:
-                        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-                    except psutil.NoSuchProcess:
-                        continue
-                    for p in tree:
-                        try:
-                            p.kill()
-                        except psutil.NoSuchProcess:
-                            pass
-                    proc.wait()
-        finally:
-            for ns in reversed(self.namespaces):
-                subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
+        return super().popen(role, command, **kwargs)
 
 
 def read_json(proc: subprocess.Popen) -> dict:

@@ -1,11 +1,10 @@
 """What the dashboard costs the job path: W1 with and without a page open and
 a Prometheus-like scraper.
 
-Run from the repository root (other benchmarks may share the machine: take
-the lock they take)::
+Run from the repository root::
 
-    flock /tmp/mpq-bench.lock python benchmarks/dashboard.py
-    flock /tmp/mpq-bench.lock python benchmarks/dashboard.py --screenshot docs/dashboard.png
+    python benchmarks/dashboard.py
+    python benchmarks/dashboard.py --screenshot docs/dashboard.png
 
 One cluster as bench.py makes it (a broker subprocess, here with
 ``--dashboard 0``, and one worker of 2 procs), and bench.py's W1 (10,000

@@ -65,13 +65,12 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import psutil
+from netns import ROOT, Namespaces, stop
 
 from mpqueue import Client
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPQUEUE = [sys.executable, "-m", "mpqueue"]
 BROKER_IP, CLIENT_IP = "10.232.0.1", "10.232.0.2"
 SLEEPS = (0.01, 0.1, 1.0)       # job lengths of the capacity measurement, in seconds
@@ -85,27 +84,6 @@ def worker_ip(i: int) -> str:
 def cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system
-
-
-def stop(processes: list[subprocess.Popen]) -> None:
-    """Ask each process to stop (SIGTERM), then kill what is left, with its children."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            try:
-                tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-            except psutil.NoSuchProcess:
-                tree = []
-            for p in tree:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            process.wait()
 
 
 def w1(client: Client, jobs: int, seconds: float = 0.0) -> float:
@@ -133,49 +111,24 @@ def client_main(address: str, jobs: int, seconds: float) -> int:
     return 0
 
 
-class Net:
+class Net(Namespaces):
     """The namespaces of one run, and the processes it starts in them."""
 
     def __init__(self, ip: str, env: dict):
-        self.ip = ip
-        self.env = env
-        self.run_id = "mpqs" + uuid.uuid4().hex[:6]
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-
-    def ns(self, role: str) -> str:
-        return f"{self.run_id}-{role}"
-
-    def sh(self, *args: str) -> None:
-        subprocess.run([self.ip, *args], check=True, capture_output=True, text=True, timeout=10)
+        super().__init__(ip, env, "mpqs")
 
     def build(self, workers: int) -> None:
-        switch = self._namespace("sw")
+        switch = self.add("sw")
         self.sh("-n", switch, "link", "add", "br0", "type", "bridge")
         self.sh("-n", switch, "link", "set", "br0", "up")
         hosts = {"br": BROKER_IP, "c": CLIENT_IP, **{f"w{i}": worker_ip(i) for i in range(workers)}}
         for role, address in hosts.items():
-            ns = self._namespace(role)
+            ns = self.add(role)
             self.sh("-n", switch, "link", "add", f"v-{role}", "type", "veth",
                     "peer", "name", "eth0", "netns", ns)
             self.sh("-n", ns, "addr", "add", f"{address}/16", "dev", "eth0")
             self.sh("-n", ns, "link", "set", "eth0", "up")
             self.sh("-n", switch, "link", "set", f"v-{role}", "master", "br0", "up")
-
-    def _namespace(self, role: str) -> str:
-        name = self.ns(role)
-        self.sh("netns", "add", name)
-        self.namespaces.append(name)
-        self.sh("-n", name, "link", "set", "lo", "up")
-        return name
-
-    def popen(self, role: str, command: list[str], **kwargs) -> subprocess.Popen:
-        """Run ``command`` in a namespace. `ip netns exec` execs it: the
-        process's PID is the command's."""
-        proc = subprocess.Popen([self.ip, "netns", "exec", self.ns(role), *command], env=self.env, cwd=ROOT,
-                                **kwargs)
-        self.procs.append(proc)
-        return proc
 
     def workers(self, address: str, n: int, procs: int = 1) -> list[subprocess.Popen]:
         return [self.popen(f"w{i}", [*MPQUEUE, "worker", address, "--procs", str(procs)]) for i in range(n)]
@@ -191,15 +144,6 @@ class Net:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{n} workers did not register within {timeout} s")
             time.sleep(0.5)
-
-    def close(self) -> None:
-        """Stop every process started here, then delete the namespaces (the
-        veth pairs and the bridge go with them)."""
-        try:
-            stop(self.procs[::-1])
-        finally:
-            for ns in reversed(self.namespaces):
-                subprocess.run([self.ip, "netns", "del", ns], capture_output=True)
 
 
 def broker_cpu_per_job(net: Net, address: str, broker: psutil.Process, jobs: int,
