@@ -62,10 +62,6 @@ _SIDE = b"MPQSIDE1:"
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value);
 CREATE TABLE functions (digest BLOB PRIMARY KEY, blob BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS history (n INTEGER PRIMARY KEY, record TEXT NOT NULL);
 CREATE TABLE clients (session TEXT PRIMARY KEY, max_seq INTEGER NOT NULL, last_number INTEGER NOT NULL);
 CREATE TABLE jobs (
     id INTEGER PRIMARY KEY, client TEXT NOT NULL, seq INTEGER NOT NULL, fn BLOB NOT NULL,
@@ -75,6 +71,16 @@ CREATE TABLE results (
     client TEXT NOT NULL, number INTEGER NOT NULL, seq INTEGER NOT NULL, status INTEGER NOT NULL,
     payload BLOB NOT NULL, attempts INTEGER NOT NULL, created REAL NOT NULL,
     PRIMARY KEY (client, number)) WITHOUT ROWID;
+"""
+
+#: Tables that came after schema 1 (shipped code, shared objects, the
+#: shared-memory files taken in, the jobs' history): tables more, nothing
+#: changed, so a journal of schema 1 gets them where it lacks them.
+_ADDED = """
+CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS history (n INTEGER PRIMARY KEY, record TEXT NOT NULL);
 """
 
 
@@ -111,7 +117,7 @@ class Journal:
             self._db.execute("PRAGMA wal_autocheckpoint=10000")
             tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if not tables:
-                self._db.executescript(_SCHEMA)
+                self._db.executescript(_SCHEMA + _ADDED)
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?), ('next_id', 1), ('id', ?)",
                                  (SCHEMA_VERSION, uuid.uuid4().hex))
                 self._db.commit()
@@ -122,11 +128,7 @@ class Journal:
                 if version != SCHEMA_VERSION:
                     raise ConfigError(f"journal {path} has schema version {version}; this mpqueue "
                                       f"reads version {SCHEMA_VERSION}")
-                # Shipped code and shared objects came after schema 1: tables more, nothing changed.
-                self._db.execute("CREATE TABLE IF NOT EXISTS code (digest BLOB PRIMARY KEY, zip BLOB NOT NULL)")
-                self._db.execute("CREATE TABLE IF NOT EXISTS shared (name TEXT PRIMARY KEY, state BLOB NOT NULL)")
-                self._db.execute("CREATE TABLE IF NOT EXISTS inlined (path TEXT PRIMARY KEY)")
-                self._db.execute("CREATE TABLE IF NOT EXISTS history (n INTEGER PRIMARY KEY, record TEXT NOT NULL)")
+                self._db.executescript(_ADDED)
                 (check,), = self._db.execute("PRAGMA quick_check").fetchall()
                 if check != "ok":
                     raise ConfigError(f"journal {path} is damaged: {check}")

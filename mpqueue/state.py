@@ -764,12 +764,12 @@ class BrokerState:
         """The shared-memory files (`shm`) the jobs and results held here refer to."""
         files = {path for job in self._jobs.values() if (path := shm.path_of(job.task.payload)) is not None}
         files.update(path for client in self._clients.values() for _, delivery, _ in client.results
-                     if isinstance(delivery.payload, bytes) and (path := shm.path_of(delivery.payload)) is not None)
+                     if (path := shm.path_of(delivery.payload)) is not None)
         return files
 
     def _drop_payload(self, payload: Any) -> None:
         """A result no one will read: its shared-memory file (`shm`), if any, goes."""
-        if isinstance(payload, bytes) and (path := shm.path_of(payload)) is not None:
+        if (path := shm.path_of(payload)) is not None:
             self.out.remove.append(path)
 
     def code(self, key: bytes) -> bytes | None:
