@@ -550,7 +550,7 @@ class Worker:
 def _drop_files(outcomes: list) -> None:
     """Outcomes no broker will get: their shared-memory files (`shm`) go."""
     for outcome in outcomes:
-        if isinstance(outcome.payload, bytes) and (path := shm.path_of(outcome.payload)) is not None:
+        if (path := shm.path_of(outcome.payload)) is not None:
             shm.remove(path)
 
 
