@@ -67,30 +67,10 @@ def mpqueue_job(operation: str, job: int, ops: int, start_at: float, run: str) -
     from mpqueue import shared
     if operation == "counter":
         counter = shared.Counter(f"counter-{run}")
-        counter.add(1)
-        _wait_until(start_at)
-        start = time.monotonic()
-        for _ in range(ops):
-            counter.add(1)
-    elif operation == "dict":
-        d = shared.Dict(f"dict-{run}")
-        d[f"job{job}:warm"] = 0
-        _wait_until(start_at)
-        start = time.monotonic()
-        for i in range(ops):
-            key = f"job{job}:{i}"
-            d[key] = (i, f"payload-{i}")
-            d[key]
-    else:
-        lock = shared.Lock(f"lock-{run}-{job}")
-        lock.acquire()
-        lock.release()
-        _wait_until(start_at)
-        start = time.monotonic()
-        for _ in range(ops):
-            lock.acquire()
-            lock.release()
-    return start, time.monotonic()
+        return _timed(operation, job, ops, start_at, (lambda: counter.add(1), lambda: counter.add(1)))
+    if operation == "dict":
+        return _timed(operation, job, ops, start_at, shared.Dict(f"dict-{run}"))
+    return _timed(operation, job, ops, start_at, shared.Lock(f"lock-{run}-{job}"))
 
 
 # -- the manager jobs (run in the Pool's forked processes) --------------------------------------
@@ -99,31 +79,43 @@ def manager_job(operation: str, job: int, ops: int, start_at: float, objects: tu
     """One job's loop on the manager's proxies: (its start, its end)."""
     if operation == "counter":
         value, lock = objects
-        with lock:
-            value.value += 0
+
+        def add(n: int) -> None:
+            with lock:
+                value.value += n
+        return _timed(operation, job, ops, start_at, (lambda: add(0), lambda: add(1)))
+    if operation == "dict":
+        return _timed(operation, job, ops, start_at, objects[0])
+    return _timed(operation, job, ops, start_at, objects[job])
+
+
+def _timed(operation: str, job: int, ops: int, start_at: float, target) -> tuple[float, float]:
+    """The loop both systems run, once warmed up by one operation, from
+    ``start_at``: (its start, its end). ``target``: for "counter", (warm-up,
+    add one) functions; for "dict", a dict; else a lock."""
+    if operation == "counter":
+        warm, add = target
+        warm()
         _wait_until(start_at)
         start = time.monotonic()
         for _ in range(ops):
-            with lock:
-                value.value += 1
+            add()
     elif operation == "dict":
-        (d,) = objects
-        d[f"job{job}:warm"] = 0
+        target[f"job{job}:warm"] = 0
         _wait_until(start_at)
         start = time.monotonic()
         for i in range(ops):
             key = f"job{job}:{i}"
-            d[key] = (i, f"payload-{i}")
-            d[key]
+            target[key] = (i, f"payload-{i}")
+            target[key]
     else:
-        lock = objects[job]
-        lock.acquire()
-        lock.release()
+        target.acquire()
+        target.release()
         _wait_until(start_at)
         start = time.monotonic()
         for _ in range(ops):
-            lock.acquire()
-            lock.release()
+            target.acquire()
+            target.release()
     return start, time.monotonic()
 
 
